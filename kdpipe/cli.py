@@ -1,0 +1,124 @@
+"""The `kdpipe` command: demo | generate | train.
+
+Every command takes a YAML config (the demo's is built in) and `--set section.key=value`
+overrides. With `--json` a command prints exactly one JSON object on stdout; logs, Ray's output
+and progress bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from kdpipe import __version__
+from kdpipe.config import Config, ConfigError, load_config, resolve_paths
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool) -> None:
+    if config_required:
+        p.add_argument("config", help="YAML config file (see jobs/configs/)")
+    else:
+        p.add_argument("--config", default=None, help="YAML config file (default: the built-in demo config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set labels.temperature=2 (repeatable)")
+    p.add_argument("--workdir", default=None, help="shortcut for --set workdir=DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdpipe",
+        description="Offline knowledge distillation: run teachers once with Ray Data, cache their soft "
+                    "labels on object storage, stream them into Ray Train students.",
+    )
+    parser.add_argument("--version", action="version", version=f"kdpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("demo", help="end to end on the built-in digits: teachers, labels, students",
+                       description="Train three teachers on the built-in digits, label the data with one Ray "
+                                   "Data pass, then train a student alone and distilled with Ray Train. "
+                                   "A second run reuses the checkpoints and the cached labels.")
+    _add_config_args(p, config_required=False)
+    p = sub.add_parser("generate", help="label the inputs with every teacher into the cache",
+                       description="Run every teacher in the config over data.train with Ray Data and "
+                                   "commit their soft labels to cache.root. Committed units are reused.")
+    _add_config_args(p, config_required=True)
+    p = sub.add_parser("train", help="train a student from cached labels with Ray Train",
+                       description="Train train.student on data.train with the cached soft labels of "
+                                   "train.teachers (no teacher is run), and evaluate on data.holdout.")
+    _add_config_args(p, config_required=True)
+    p.add_argument("--no-distill", action="store_true", help="train on labels alone (the baseline)")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.workdir:
+        overrides.insert(0, f"workdir={args.workdir}")
+    return resolve_paths(load_config(args.config, overrides))
+
+
+def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
+    if args.json:
+        print(json.dumps(obj, default=float))
+    else:
+        print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="kdpipe: %(message)s")
+    logging.getLogger("kdpipe").setLevel(logging.INFO)
+    try:
+        cfg = _config(args)
+        return _run(args, cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"kdpipe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, cfg: Config) -> int:
+    from kdpipe import datasets, runtime
+
+    progress = not args.quiet
+    if args.command == "demo":
+        from kdpipe.demo import format_table, run_demo
+
+        print(f"kdpipe demo: workdir {cfg.workdir} (cache {cfg.cache.root})", file=sys.stderr)
+        result = run_demo(cfg, progress=progress)
+        _emit(args, result.to_dict(), format_table(result, cfg))
+        return 0
+    d = cfg.data
+    if d.builtin:
+        datasets.ensure_digits(d.train, d.holdout, d.storage_options, d.num_shards, d.holdout_fraction, d.split_seed)
+    if args.command == "generate":
+        from kdpipe.generate import generate, inspect_teachers
+
+        inspect_teachers(cfg)  # fail fast, before Ray starts
+        runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+        report = generate(cfg, progress=progress)
+        lines = [f"{'teacher':<14}{'digest':<18}{'units':>7}{'new':>6}{'rows labelled':>15}  accuracy"]
+        for name, r in report.teachers.items():
+            acc = r.quality.get("teacher_accuracy", float("nan"))
+            lines.append(f"{name:<14}{r.digest:<18}{r.units_total:>7}{r.units_written:>6}{r.rows_labelled:>15}  {acc:.4f}")
+        lines.append(f"cache: {report.cache_root}  ({report.teacher_forward_passes} teacher forward passes)")
+        _emit(args, report.to_dict(), "\n".join(lines))
+        return 0
+    if args.command == "train":
+        from kdpipe.train import train_student
+
+        runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+        rep = train_student(cfg, distill=not args.no_distill)
+        obj = {"run": rep.run, "storage": rep.storage, "teachers": rep.teachers,
+               "holdout_accuracy": rep.holdout_accuracy, "history": rep.history, "seconds": rep.seconds}
+        _emit(args, obj, f"student {cfg.train.student} ({'distilled from ' + ', '.join(rep.teachers) if rep.teachers else 'alone'}): "
+                         f"held-out accuracy {rep.holdout_accuracy:.4f}\ncheckpoints: {rep.storage}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

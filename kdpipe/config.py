@@ -1,0 +1,279 @@
+"""Typed configuration: one YAML file per job, `--set a.b=value` overrides, validation on load.
+
+Every section is a dataclass. Unknown keys are errors that name the key and list the known ones,
+so a typo never silently falls back to a default. Paths left empty are derived from `workdir`,
+which is what lets `kdpipe demo` run with no file at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from kdpipe.storage import join
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it and says what to do."""
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local Ray inside the command
+    num_cpus: float | None = None  # local Ray only; None lets Ray count the machine's cores
+
+
+@dataclass
+class DataConfig:
+    builtin: str | None = "digits"  # materialise a built-in dataset at train/holdout if missing
+    train: str = ""  # directory of Parquet input shards (any fsspec URI); "" = <workdir>/data/train
+    holdout: str = ""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    key_column: str = "sample_key"
+    image_column: str = "image"
+    label_column: str | None = "label"
+    image_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
+    scale: float = 1.0 / 16.0  # preprocessing: x = pixels * scale
+    num_classes: int = 10
+    class_names: list[str] = field(default_factory=list)
+    num_shards: int = 8  # built-in data only: how many train shards to write
+    holdout_fraction: float = 0.5  # built-in data only
+    split_seed: int = 0  # built-in data only
+
+
+@dataclass
+class TeacherConfig:
+    name: str = ""
+    arch: str = ""
+    checkpoint: str = ""  # fsspec URI of a state_dict saved by torch.save; "" = <workdir>/teachers/<name>.pt
+    batch_size: int = 256
+    num_cpus: float | None = None  # per actor; None = sized from the cluster
+    num_gpus: float = 0.0
+    pool_size: int | None = None  # actors in this teacher's pool; None = sized from the cluster
+    # `kdpipe demo` trains the teacher when its checkpoint is missing:
+    train_epochs: int = 20
+    train_seed: int = 0
+
+
+@dataclass
+class LabelConfig:
+    temperature: float = 5.0
+    mode: str = "full"  # full: every logit
+    dtype: str = "float16"  # storage dtype of logits
+    format: str = "parquet"
+    row_group_size: int = 1024
+
+
+@dataclass
+class CacheConfig:
+    root: str = ""  # "" = <workdir>/cache
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    student: str = "small_mlp"
+    teachers: list[str] = field(default_factory=list)  # names in the cache ([] = all in config)
+    teacher_weights: list[float] = field(default_factory=list)  # [] = equal weights
+    alpha: float = 0.95  # weight of the distillation term; 0 trains on labels alone
+    temperature: float = 5.0
+    epochs: int = 60
+    batch_size: int = 16  # per worker: the global batch is batch_size * num_workers
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None  # None = sized from the cluster
+    seed: int = 0
+    shuffle_buffer: int = 512
+    checkpoint_every: int = 5  # epochs between checkpoints (and reports to Ray Train); the last epoch always
+    preload: str = "auto"  # auto | always | never: decode+join once into Ray's object store
+    storage_path: str = ""  # checkpoints and metrics; "" = <workdir>/runs
+    name: str = "student"
+
+
+@dataclass
+class Config:
+    workdir: str = "kdpipe-demo"
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def default_teachers() -> list[TeacherConfig]:
+    """The demo's three teachers: different families, so their errors differ."""
+    return [
+        TeacherConfig(name="mlp", arch="mlp", train_seed=1),
+        TeacherConfig(name="cnn", arch="cnn", train_seed=1),
+        TeacherConfig(name="wide_cnn", arch="wide_cnn", train_seed=1),
+    ]
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types cannot; raise ConfigError naming the key and the value."""
+    def bad(key: str, value: Any, hint: str) -> ConfigError:
+        return ConfigError(f"config key {key}={value!r}: {hint}")
+
+    lab, tr, data = cfg.labels, cfg.train, cfg.data
+    if lab.temperature <= 0:
+        raise bad("labels.temperature", lab.temperature, "must be > 0")
+    if lab.mode != "full":
+        raise bad("labels.mode", lab.mode, "supported modes: full")
+    if lab.dtype not in ("float16", "float32"):
+        raise bad("labels.dtype", lab.dtype, "use float16 or float32")
+    if lab.format != "parquet":
+        raise bad("labels.format", lab.format, "supported formats: parquet")
+    if not 0.0 <= tr.alpha <= 1.0:
+        raise bad("train.alpha", tr.alpha, "must be in [0, 1]")
+    if tr.temperature <= 0:
+        raise bad("train.temperature", tr.temperature, "must be > 0")
+    if tr.preload not in ("auto", "always", "never"):
+        raise bad("train.preload", tr.preload, "use auto, always or never")
+    if tr.checkpoint_every < 1:
+        raise bad("train.checkpoint_every", tr.checkpoint_every, "must be >= 1")
+    if tr.num_workers < 1:
+        raise bad("train.num_workers", tr.num_workers, "must be >= 1")
+    if data.num_classes < 2:
+        raise bad("data.num_classes", data.num_classes, "must be >= 2")
+    if data.builtin not in (None, "digits"):
+        raise bad("data.builtin", data.builtin, "built-in datasets: digits (or null)")
+    if not 0.0 < data.holdout_fraction < 1.0:
+        raise bad("data.holdout_fraction", data.holdout_fraction, "must be in (0, 1)")
+    names = [t.name for t in cfg.teachers]
+    for i, t in enumerate(cfg.teachers):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t.name or ""):
+            raise bad(f"teachers[{i}].name", t.name, "use letters, digits, '_', '-', '.'")
+        if not t.arch:
+            raise bad(f"teachers[{i}].arch", t.arch, f"teacher {t.name!r} needs an architecture")
+        if t.batch_size < 1:
+            raise bad(f"teachers[{i}].batch_size", t.batch_size, "must be >= 1")
+    if len(set(names)) != len(names):
+        raise bad("teachers", names, "teacher names must be unique")
+    if tr.teacher_weights and len(tr.teacher_weights) != len(tr.teachers or names):
+        raise bad("train.teacher_weights", tr.teacher_weights,
+                  f"give one weight per teacher ({len(tr.teachers or names)})")
+    if any(w < 0 for w in tr.teacher_weights) or (tr.teacher_weights and sum(tr.teacher_weights) <= 0):
+        raise bad("train.teacher_weights", tr.teacher_weights, "weights must be >= 0 with a positive sum")
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    """Turn plain YAML data into the dataclass `cls`, rejecting unknown keys by their dotted path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key {path or '<root>'} must be a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key {dotted!r}: known keys here are {', '.join(sorted(known))}"
+            )
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {path} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {path} must be a mapping, got {value!r}")
+        return dict(value)
+    if type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(inner, value, path)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {path} must be {tp.__name__}, got {value!r}")
+    if tp is float and not isinstance(value, float):
+        raise ConfigError(f"config key {path} must be a number, got {value!r}")
+    return value
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b=value` (value parsed as YAML; `teachers.0.arch=cnn` indexes lists)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    value = yaml.safe_load(text) if text.strip() else ""
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        key: Any = int(part) if isinstance(node, list) else part
+        if isinstance(node, list):
+            if not 0 <= key < len(node):
+                raise ConfigError(f"override {dotted!r}: index {key} out of range ({len(node)} items)")
+        elif key not in node or node[key] is None:
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[: i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the built-in default when `path` is None) and apply overrides."""
+    if path is None:
+        raw: dict[str, Any] = to_dict(Config(teachers=default_teachers()))
+    else:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return _build(Config, raw, "")
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Fill the empty paths from `workdir` (made absolute when local) and return a new Config."""
+    workdir = cfg.workdir
+    if "://" not in workdir:
+        workdir = os.path.abspath(os.path.expanduser(workdir))
+    new = copy.deepcopy(cfg)
+    new.workdir = workdir
+    new.data.train = cfg.data.train or join(workdir, "data", "train")
+    new.data.holdout = cfg.data.holdout or join(workdir, "data", "holdout")
+    new.cache.root = cfg.cache.root or join(workdir, "cache")
+    new.train.storage_path = cfg.train.storage_path or join(workdir, "runs")
+    for t in new.teachers:
+        t.checkpoint = t.checkpoint or join(workdir, "teachers", f"{t.name}.pt")
+    return new
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,213 @@
+"""Generation: one Ray Data pass over the input shards feeds every teacher; units commit as shards finish.
+
+    read+decode (tasks, one per input shard) -> teacher A pool -> teacher B pool -> ... -> driver
+
+Each input shard is read and decoded once; every teacher runs in its own actor pool with its own
+resources, chained so all pools work at the same time on different batches. Only the label rows
+(keys + logits, small) come back to the driver, which groups them by input shard and commits a
+unit the moment all of a shard's rows are in: an interrupted run keeps every finished unit, and a
+rerun labels exactly the missing ones. Only shards some teacher is missing are read, and each
+teacher runs only on the shards it is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from kdpipe import cache, datasets, labels, runtime, storage
+from kdpipe.config import Config
+from kdpipe.teachers import (
+    TeacherInfo,
+    TeacherPredictor,
+    inspect_teacher,
+    logits_column,
+    mask_column,
+)
+
+log = logging.getLogger("kdpipe")
+
+
+@dataclass
+class TeacherResult:
+    name: str
+    digest: str
+    directory: str
+    units_total: int
+    units_written: int = 0
+    rows_labelled: int = 0
+    quality: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GenerateReport:
+    fingerprint: str
+    cache_root: str
+    teachers: dict[str, TeacherResult]
+    seconds: float
+
+    @property
+    def teacher_forward_passes(self) -> int:
+        return sum(t.rows_labelled for t in self.teachers.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "cache_root": self.cache_root, "seconds": self.seconds,
+                "teacher_forward_passes": self.teacher_forward_passes,
+                "teachers": {k: asdict(v) for k, v in self.teachers.items()}}
+
+
+def _shard_plan(fs, shards: list[datasets.InputShard], dirs: dict[str, str]) -> dict[str, dict[str, dict]]:
+    """{teacher: {shard_id: committed unit record}} for the units already in the cache."""
+    done: dict[str, dict[str, dict]] = {}
+    for name, directory in dirs.items():
+        done[name] = {}
+        for s in shards:
+            rec = cache.read_unit(fs, directory, s.shard_id)
+            if rec is not None:
+                done[name][s.shard_id] = rec
+    return done
+
+
+def inspect_teachers(cfg: Config) -> list[TeacherInfo]:
+    """Validate every teacher before any work starts (checkpoint, architecture, class count)."""
+    pre = datasets.preprocessing_spec(cfg.data.image_shape, cfg.data.scale)
+    return [inspect_teacher(t.name, t.arch, t.checkpoint, cfg.cache.storage_options, cfg.data.num_classes,
+                            tuple(cfg.data.image_shape), pre) for t in cfg.teachers]
+
+
+def generate(cfg: Config, progress: bool = True) -> GenerateReport:
+    """Label cfg.data.train with every teacher in cfg.teachers; commit units, manifests, refs.
+
+    `cfg` must have its paths resolved (config.resolve_paths) and Ray must be running."""
+
+    started = time.time()
+    if not cfg.teachers:
+        raise ValueError("no teachers configured: add at least one entry under `teachers`")
+    infos = inspect_teachers(cfg)
+    shards = datasets.list_shards(cfg.data.train, cfg.data.storage_options)
+    pre = datasets.preprocessing_spec(cfg.data.image_shape, cfg.data.scale)
+    fingerprint = datasets.fingerprint(shards, pre)
+    class_names = cfg.data.class_names or [str(i) for i in range(cfg.data.num_classes)]
+    settings = cache.label_settings(cfg.labels.temperature, cfg.labels.mode, cfg.labels.dtype,
+                                    cfg.labels.format, cfg.data.num_classes, class_names)
+    label_hash = cache.settings_hash(settings)
+    fs, root = storage.filesystem(cfg.cache.root, cfg.cache.storage_options)
+    dirs = {i.name: cache.unit_dir(root, i.name, i.digest, fingerprint, label_hash) for i in infos}
+    done = _shard_plan(fs, shards, dirs)
+    missing = {name: [s.shard_id for s in shards if s.shard_id not in done[name]] for name in dirs}
+    results = {i.name: TeacherResult(i.name, i.digest, fs.unstrip_protocol(dirs[i.name]), len(shards),
+                                     metrics=i.metrics) for i in infos}
+    todo = {name: ids for name, ids in missing.items() if ids}
+    for name in dirs:
+        log.info("teacher %s: %d of %d units committed, %d to label", name,
+                 len(done[name]), len(shards), len(missing[name]))
+
+    if todo:
+        by_id = {s.shard_id: s for s in shards}
+        needed = sorted({sid for ids in todo.values() for sid in ids})
+        new_units = _run_pipeline(cfg, [by_id[s] for s in needed], todo, infos, fs, dirs, progress)
+        for name, recs in new_units.items():
+            done[name].update(recs)
+            results[name].units_written = len(recs)
+            results[name].rows_labelled = sum(r["rows"] for r in recs.values())
+
+    teacher_by_name = {i.name: i for i in infos}
+    for name, directory in dirs.items():
+        units = [done[name][s.shard_id] for s in shards]
+        manifest = cache.read_manifest(fs, directory)
+        if manifest is None or results[name].units_written:
+            info = teacher_by_name[name]
+            teacher_meta = {"name": name, "arch": info.arch, "digest": info.digest,
+                            "checkpoint": info.checkpoint, "checkpoint_sha256": info.checkpoint_sha256,
+                            "metrics": info.metrics}
+            manifest = cache.build_manifest(teacher_meta, fingerprint, cfg.data.train, settings, units)
+            storage.write_json(fs, storage.join(directory, cache.MANIFEST), manifest)
+        results[name].quality = manifest["quality"]
+        cache.write_ref(fs, root, name, {"teacher": name, "digest": teacher_by_name[name].digest,
+                                         "fingerprint": fingerprint, "label_hash": label_hash,
+                                         "manifest": storage.join(fs.unstrip_protocol(directory), cache.MANIFEST),
+                                         "updated_at": time.time()})
+    return GenerateReport(fingerprint, cfg.cache.root, results, round(time.time() - started, 2))
+
+
+def _run_pipeline(cfg: Config, shards: list[datasets.InputShard], todo: dict[str, list[str]],
+                  infos: list[TeacherInfo], fs, dirs: dict[str, str], progress: bool) -> dict[str, dict[str, dict]]:
+    import ray.data
+
+    cpus, gpus = runtime.cluster_cpus_gpus()
+    teachers = [t for t in cfg.teachers if t.name in todo]
+    plans = runtime.plan_teacher_pools(cpus, gpus, [(t.name, t.num_cpus, t.num_gpus, t.pool_size) for t in teachers])
+    data = {"key_column": cfg.data.key_column, "image_column": cfg.data.image_column,
+            "label_column": cfg.data.label_column, "image_shape": list(cfg.data.image_shape),
+            "scale": cfg.data.scale, "storage_options": cfg.data.storage_options}
+    items = [{"uri": s.uri, "shard_id": s.shard_id} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(datasets.read_decoded_shard, fn_kwargs={"data": data}, batch_size=1, num_cpus=runtime.READ_TASK_CPUS)
+    for t, plan in zip(teachers, plans, strict=True):
+        log.info("teacher %s: %d actor(s) x %.2f CPU, %.2f GPU, batch %d", t.name, plan.pool_size,
+                 plan.num_cpus, plan.num_gpus, t.batch_size)
+        ds = ds.map_batches(
+            TeacherPredictor,
+            fn_constructor_kwargs={
+                "name": t.name, "arch": t.arch, "checkpoint": t.checkpoint,
+                "storage_options": cfg.cache.storage_options, "num_classes": cfg.data.num_classes,
+                "input_shape": tuple(cfg.data.image_shape),
+                "shard_ids": None if len(todo[t.name]) == len(shards) else todo[t.name],
+                "num_threads": plan.threads,
+            },
+            batch_size=t.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=plan.pool_size),
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus or None,
+        )
+    ds = ds.drop_columns(["x"])
+
+    expected = {s.shard_id: s for s in shards}
+    buffers: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
+    counts: dict[str, int] = defaultdict(int)
+    written: dict[str, dict[str, dict]] = {t.name: {} for t in teachers}
+    total_units = sum(len(v) for v in todo.values())
+    bar = tqdm(total=total_units, desc="units committed", unit="unit", disable=not progress)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for sid in np.unique(batch["shard_id"].astype(str)):
+            sel = batch["shard_id"].astype(str) == sid
+            buffers[sid].append({k: v[sel] for k, v in batch.items()})
+            counts[sid] += int(sel.sum())
+            if counts[sid] > expected[sid].num_rows:
+                raise RuntimeError(f"input shard {expected[sid].uri}: got {counts[sid]} rows, "
+                                   f"expected {expected[sid].num_rows} (duplicated rows)")
+            if counts[sid] == expected[sid].num_rows:
+                parts = buffers.pop(sid)
+                rows = {k: np.concatenate([b[k] for b in parts]) for k in batch}
+                for t in teachers:
+                    if sid in todo[t.name]:
+                        written[t.name][sid] = _commit_unit(cfg, fs, dirs[t.name], t.name, expected[sid], rows)
+                        bar.update(1)
+    bar.close()
+    incomplete = {sid: counts.get(sid, 0) for sid in expected if counts.get(sid, 0) != expected[sid].num_rows}
+    if incomplete:
+        raise RuntimeError(f"generation ended with incomplete input shards {incomplete}; rerun to finish them")
+    return written
+
+
+def _commit_unit(cfg: Config, fs, directory: str, teacher: str, shard: datasets.InputShard,
+                 rows: dict[str, np.ndarray]) -> dict[str, Any]:
+    keys = [str(k) for k in rows["sample_key"]]
+    where = f"teacher {teacher!r}, input shard {shard.uri}"
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{where}: duplicate sample keys; keys must be unique within a dataset")
+    if not rows[mask_column(teacher)].all():
+        raise RuntimeError(f"{where}: some rows were not labelled")
+    logits = rows[logits_column(teacher)]
+    labels.check_finite(logits, keys, where)
+    table = labels.labels_table(keys, logits, cfg.labels.dtype)
+    quality = labels.quality(logits, cfg.labels.temperature, rows.get("label"))
+    return cache.write_unit(fs, directory, {"shard_id": shard.shard_id, "uri": shard.uri, "token": shard.token},
+                            table, cfg.labels.row_group_size, quality)

@@ -1,0 +1,84 @@
+"""Model architectures by name: kdpipe's small built-ins and any torchvision classifier.
+
+Teachers and students are both built here, from a name and flat arguments, so a checkpoint
+names its architecture with a string and nothing else in kdpipe needs to know the classes.
+Built-ins are sized for the bundled 8x8 digits; torchvision names cover real images.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BUILTIN_ARCHS = ("mlp", "cnn", "wide_cnn", "small_mlp", "tiny_mlp", "tiny_cnn", "linear")
+
+
+def _mlp(in_features: int, hidden: list[int], num_classes: int, dropout: float) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _cnn(channels: int, widths: tuple[int, int], hidden: int, num_classes: int) -> nn.Module:
+    c1, c2 = widths
+    return nn.Sequential(
+        nn.Conv2d(channels, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c2, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(c2 * 4, hidden), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def build_model(arch: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """Build an untrained classifier mapping [B, *input_shape] to logits [B, num_classes].
+
+    `arch` is a kdpipe built-in (see BUILTIN_ARCHS) or a torchvision model name
+    (e.g. "resnet18"), which is built with random weights: kdpipe never downloads weights.
+    """
+    channels = input_shape[0]
+    in_features = 1
+    for d in input_shape:
+        in_features *= d
+    if arch == "linear":
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+    if arch == "small_mlp":  # the demo's student: one hidden layer, no dropout
+        return _mlp(in_features, [256], num_classes, dropout=0.0)
+    if arch == "tiny_mlp":
+        return _mlp(in_features, [16], num_classes, dropout=0.0)
+    if arch == "mlp":
+        return _mlp(in_features, [256, 256], num_classes, dropout=0.2)
+    if arch == "tiny_cnn":
+        return nn.Sequential(
+            nn.Conv2d(channels, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(4 * (input_shape[1] // 2) * (input_shape[2] // 2), num_classes),
+        )
+    if arch == "cnn":
+        return _cnn(channels, (16, 32), 64, num_classes)
+    if arch == "wide_cnn":
+        return _cnn(channels, (48, 96), 128, num_classes)
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(
+            f"unknown architecture {arch!r}: use one of {', '.join(BUILTIN_ARCHS)} "
+            "or a torchvision classification model name such as 'resnet18'"
+        )
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def output_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Class count a model produces, found by a forward pass on the meta device (no compute)."""
+    with torch.no_grad():
+        out = model.to("meta")(torch.empty(2, *input_shape, device="meta"))
+    return int(out.shape[-1])

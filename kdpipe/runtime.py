@@ -1,0 +1,103 @@
+"""Ray start-up and resource sizing.
+
+Ray waits forever, silently, when actors or train workers ask for more CPUs than the cluster
+has free (on a 2-core laptop three 1-CPU teacher actors plus a read task is already too many).
+Every request kdpipe makes is therefore sized here from `ray.cluster_resources()`, with
+fractional CPUs when the machine is small; explicit config values win.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger("kdpipe")
+
+# Share of the cluster's CPUs the teacher pools may reserve; the rest reads and decodes inputs.
+TEACHER_CPU_SHARE = 0.6
+READ_TASK_CPUS = 0.25
+
+
+def ensure_ray(address: str | None, num_cpus: float | None = None) -> bool:
+    """Connect to `address` or start a local Ray. Returns True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs: dict = {"include_dashboard": True, "log_to_driver": True,
+                    "logging_level": logging.WARNING, "configure_logging": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=int(num_cpus) if num_cpus else None, **kwargs)
+    _quiet_ray_data()
+    return True
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("KDPIPE_RAY_PROGRESS", "0") == "1"
+    ctx.print_on_execution_start = False
+    ctx.enable_operator_progress_bars = False
+
+
+def cluster_cpus_gpus() -> tuple[float, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    num_cpus: float
+    num_gpus: float
+    pool_size: int
+    threads: int  # torch intra-op threads per actor
+
+
+def plan_teacher_pools(cpus: float, gpus: float,
+                       requests: list[tuple[str, float | None, float, int | None]]) -> list[ActorPlan]:
+    """One plan per teacher from (name, num_cpus, num_gpus, pool_size) requests; None = size it.
+
+    CPU-only: the teachers share TEACHER_CPU_SHARE of the CPUs; a teacher's share becomes
+    whole-CPU actors when it is >= 1 CPU, else one fractional actor. With GPUs: one actor per
+    requested GPU share, one CPU each when there are CPUs to spare.
+    """
+    n = max(1, len(requests))
+    budget = cpus * TEACHER_CPU_SHARE / n
+    plans = []
+    for name, num_cpus, num_gpus, pool_size in requests:
+        if num_gpus > gpus or (num_cpus or 0) > cpus:
+            raise ValueError(
+                f"teacher {name!r} asks for num_gpus={num_gpus}, num_cpus={num_cpus} per actor but the "
+                f"Ray cluster has {gpus:g} GPUs and {cpus:g} CPUs: Ray would wait forever; lower the request"
+            )
+        if num_gpus > 0:
+            size = pool_size or max(1, int(gpus / num_gpus / n))
+            cpu = num_cpus if num_cpus is not None else min(1.0, max(0.25, budget / size))
+        elif num_cpus is not None:
+            size = pool_size or max(1, int(budget // num_cpus))
+            cpu = num_cpus
+        elif budget >= 1:
+            size = pool_size or int(budget)
+            cpu = budget / size if pool_size else 1.0
+        else:
+            size = pool_size or 1
+            cpu = max(0.05, round(budget / size, 2))
+        plans.append(ActorPlan(num_cpus=float(cpu), num_gpus=float(num_gpus), pool_size=int(size),
+                               threads=max(1, int(cpu))))
+    return plans
+
+
+def plan_train_worker_cpus(cpus: float, num_workers: int, requested: float | None) -> float:
+    """CPUs per training worker: what was asked, else an equal share of 80% of the cluster
+    (at most 4), leaving room for the data pipeline's read tasks."""
+    if requested is not None:
+        return requested
+    share = cpus * 0.8 / max(1, num_workers)
+    return float(min(4.0, int(share))) if share >= 1 else max(0.1, round(share, 2))

@@ -1,0 +1,99 @@
+"""All I/O through fsspec: one URI plus storage_options gives the filesystem, for us and for pyarrow.
+
+Writes that readers may see are atomic: on local disks we write a temporary sibling and rename it;
+on object stores a single PUT (or a completed multipart upload) is already all-or-nothing, so a
+crashed writer leaves nothing visible under the final name there either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for a URI such as file:///x, s3://b/k, memory://m or /x."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def pyarrow_filesystem(fs: fsspec.AbstractFileSystem):
+    """A pyarrow filesystem over the same fsspec filesystem (same credentials and options)."""
+    import pyarrow.fs as pafs
+
+    if is_local(fs):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` at `path` so that readers see either nothing or the whole file."""
+    parent = path.rsplit("/", 1)[0]
+    if is_local(fs):
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    return fs.cat_file(path)
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    write_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    try:
+        return json.loads(fs.cat_file(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the file is corrupt, delete it and rerun") from e
+
+
+def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    return fs.exists(path)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stat_token(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    """What identifies a file's version without reading it: size plus ETag, or mtime on disks."""
+    info = fs.info(path)
+    token: dict[str, Any] = {"size": int(info.get("size") or 0)}
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    if etag:
+        token["etag"] = str(etag).strip('"')
+    else:
+        mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
+        token["mtime"] = str(mtime)
+    return token

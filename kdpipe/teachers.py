@@ -1,0 +1,174 @@
+"""Teachers: checks before any work starts, the teacher digest, and the Ray Data batch predictor.
+
+`inspect_teacher` runs in the driver before the pipeline starts, so a missing checkpoint, a
+checkpoint for another architecture or a class-count mismatch fails in seconds with a message
+naming the teacher and the file. It builds the model on the meta device: no weights are
+materialised and no forward pass is computed, however large the teacher.
+
+`TeacherPredictor` is a plain callable class (Ray Data's actor-pool contract: load once in
+`__init__`, label a batch in `__call__`), so it is testable without Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdpipe import storage
+from kdpipe.models import build_model
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    name: str
+    arch: str
+    checkpoint: str
+    checkpoint_sha256: str
+    digest: str  # hash of checkpoint bytes, architecture, class count and preprocessing
+    num_classes: int
+    metrics: dict[str, Any]  # what the checkpoint says about itself (e.g. held-out accuracy)
+
+
+def read_checkpoint_bytes(name: str, uri: str, storage_options: dict[str, Any] | None) -> bytes:
+    fs, path = storage.filesystem(uri, storage_options)
+    if not fs.exists(path):
+        raise FileNotFoundError(
+            f"teacher {name!r}: checkpoint {uri!r} does not exist; "
+            "set teachers[].checkpoint to a saved state_dict (or run `kdpipe demo` to train the built-in ones)"
+        )
+    return fs.cat_file(path)
+
+
+def parse_checkpoint(name: str, uri: str, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, metadata). Accepts a bare state_dict or kdpipe's {"state_dict": ..., ...}.
+    Loaded with weights_only=True: a checkpoint cannot run code."""
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for bad files
+        raise ValueError(f"teacher {name!r}: checkpoint {uri!r} cannot be loaded safely: {e}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        meta = {k: v for k, v in obj.items() if k != "state_dict"}
+        return obj["state_dict"], meta
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}
+    raise ValueError(f"teacher {name!r}: checkpoint {uri!r} holds no state_dict")
+
+
+def _fit_state_dict(name: str, uri: str, arch: str, model: torch.nn.Module,
+                    state_dict: dict[str, torch.Tensor], assign: bool) -> None:
+    result = model.load_state_dict(state_dict, strict=False, assign=assign)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"teacher {name!r}: checkpoint {uri!r} does not fit architecture {arch!r} "
+            f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); "
+            "check teachers[].arch"
+        )
+
+
+def inspect_teacher(name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
+                    num_classes: int, input_shape: tuple[int, ...], preprocessing: dict[str, Any]) -> TeacherInfo:
+    """Validate a teacher without running it and compute its digest."""
+    data = read_checkpoint_bytes(name, checkpoint, storage_options)
+    state_dict, meta = parse_checkpoint(name, checkpoint, data)
+    with torch.device("meta"):
+        model = build_model(arch, num_classes, input_shape)
+    meta_sd = {k: torch.empty_like(v, device="meta") for k, v in state_dict.items()}
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(meta_sd)), sorted(set(meta_sd) - expected)
+    if missing or unexpected:
+        raise ValueError(f"teacher {name!r}: checkpoint {checkpoint!r} does not fit architecture {arch!r} "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); check teachers[].arch")
+    # Run the checkpoint's own tensor shapes through the graph: its class count, not the config's.
+    try:
+        with torch.no_grad():
+            out = torch.func.functional_call(model, meta_sd, (torch.empty(2, *input_shape, device="meta"),))
+    except RuntimeError as e:
+        raise ValueError(f"teacher {name!r}: checkpoint {checkpoint!r} does not fit architecture {arch!r} "
+                         f"with inputs {list(input_shape)}: {e}") from e
+    if out.shape[-1] != num_classes:
+        raise ValueError(
+            f"teacher {name!r} gives {out.shape[-1]} classes, the dataset has {num_classes}: "
+            f"set data.num_classes or use a checkpoint trained for {num_classes} classes ({checkpoint})"
+        )
+    try:
+        model.load_state_dict(meta_sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"teacher {name!r}: checkpoint {checkpoint!r} does not fit architecture {arch!r}: {e}") from e
+    sha = storage.sha256_bytes(data)
+    body = {"checkpoint_sha256": sha, "arch": arch, "num_classes": num_classes,
+            "input_shape": list(input_shape), "preprocessing": preprocessing}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    metrics = meta.get("metrics", {}) if isinstance(meta.get("metrics"), dict) else {}
+    return TeacherInfo(name, arch, checkpoint, sha, digest, num_classes, metrics)
+
+
+def load_teacher(name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
+                 num_classes: int, input_shape: tuple[int, ...]) -> torch.nn.Module:
+    """The teacher in eval mode on the CPU, weights loaded (weights_only=True)."""
+    data = read_checkpoint_bytes(name, checkpoint, storage_options)
+    state_dict, _ = parse_checkpoint(name, checkpoint, data)
+    model = build_model(arch, num_classes, input_shape)
+    try:
+        _fit_state_dict(name, checkpoint, arch, model, state_dict, assign=False)
+    except RuntimeError as e:
+        raise ValueError(f"teacher {name!r}: checkpoint {checkpoint!r} does not fit architecture {arch!r}: {e}") from e
+    return model.eval()
+
+
+def save_checkpoint(model: torch.nn.Module, uri: str, storage_options: dict[str, Any] | None,
+                    arch: str, num_classes: int, metrics: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "arch": arch, "num_classes": num_classes,
+                "metrics": metrics}, buf)
+    fs, path = storage.filesystem(uri, storage_options)
+    storage.write_bytes(fs, path, buf.getvalue())
+
+
+def logits_column(name: str) -> str:
+    return f"logits__{name}"
+
+
+def mask_column(name: str) -> str:
+    return f"labelled__{name}"
+
+
+class TeacherPredictor:
+    """Ray Data actor: adds `logits__<name>` [B, C] float32 and `labelled__<name>` [B] bool.
+
+    Only rows whose `shard_id` is in `shard_ids` run through the teacher (others get zeros and
+    labelled=False), so one pass over the inputs serves teachers that miss different shards.
+    """
+
+    def __init__(self, name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
+                 num_classes: int, input_shape: tuple[int, ...], shard_ids: list[str] | None,
+                 num_threads: int = 1, device: str = "auto") -> None:
+        torch.set_num_threads(max(1, num_threads))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.name = name
+        self.num_classes = num_classes
+        self.shard_ids = None if shard_ids is None else set(shard_ids)
+        self.model = load_teacher(name, arch, checkpoint, storage_options, num_classes, input_shape).to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = batch["x"]
+        n = len(x)
+        if self.shard_ids is None:
+            mask = np.ones(n, dtype=bool)
+        else:
+            mask = np.isin(batch["shard_id"].astype(str), list(self.shard_ids))
+        logits = np.zeros((n, self.num_classes), dtype=np.float32)
+        if mask.any():
+            with torch.inference_mode():
+                inp = torch.from_numpy(np.ascontiguousarray(x[mask])).to(self.device, non_blocking=True)
+                logits[mask] = self.model(inp).float().cpu().numpy()
+        batch[logits_column(self.name)] = logits
+        batch[mask_column(self.name)] = mask
+        return batch

@@ -1,0 +1,107 @@
+"""Generation on a real local Ray with real (small, trained) teachers and real files."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from kdpipe import cache, datasets, generate, labels, storage
+from kdpipe.teachers import load_teacher
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+def _units(cfg, report, name):
+    fs, _ = storage.filesystem(cfg.cache.root)
+    directory = report.teachers[name].directory
+    manifest = storage.read_json(fs, storage.join(directory, cache.MANIFEST))
+    return fs, directory, manifest
+
+
+@pytest.fixture(scope="module")
+def generated(ray_cluster, digits_cfg):
+    return generate.generate(digits_cfg, progress=False)
+
+
+def test_cache_rows_and_keys_equal_inputs(digits_cfg, generated):
+    d = digits_cfg.data
+    shards = datasets.list_shards(d.train)
+    assert generated.teacher_forward_passes == 3 * sum(s.num_rows for s in shards)
+    for name in ("mlp", "cnn", "wide_cnn"):
+        fs, directory, manifest = _units(digits_cfg, generated, name)
+        assert manifest["rows"] == sum(s.num_rows for s in shards)
+        assert sorted(u["shard_id"] for u in manifest["units"]) == sorted(s.shard_id for s in shards)
+        for shard in shards:
+            unit = next(u for u in manifest["units"] if u["shard_id"] == shard.shard_id)
+            stored = pq.read_table(io.BytesIO(fs.cat_file(storage.join(directory, unit["part"]))))
+            stored_keys = stored.column(labels.KEY).to_pylist()
+            input_keys = datasets.read_shard(shard.uri, {}, [d.key_column]).column(d.key_column).to_pylist()
+            assert stored_keys == sorted(input_keys)  # no duplicate, no missing row
+            assert len(set(stored_keys)) == len(stored_keys)
+
+
+def test_stored_soft_labels_equal_teacher_forward(digits_cfg, generated):
+    d, T = digits_cfg.data, digits_cfg.labels.temperature
+    keys, x, _ = datasets.load_split(d.train, {}, d.key_column, d.image_column, d.label_column, d.image_shape, d.scale)
+    for t in digits_cfg.teachers:
+        model = load_teacher(t.name, t.arch, t.checkpoint, {}, d.num_classes, tuple(d.image_shape))
+        with torch.no_grad():
+            direct = labels.softmax(model(torch.from_numpy(x)).numpy(), T)
+        fs, directory, manifest = _units(digits_cfg, generated, t.name)
+        stored = {}
+        for unit in manifest["units"]:
+            table = pq.read_table(io.BytesIO(fs.cat_file(storage.join(directory, unit["part"]))))
+            p = labels.softmax(labels.table_logits(table), T)
+            stored.update(zip(table.column(labels.KEY).to_pylist(), p, strict=True))
+        got = np.stack([stored[k] for k in keys])
+        assert np.allclose(got.sum(-1), 1.0, atol=1e-6)
+        assert np.abs(got - direct).max() < 2e-3  # float16 logits
+        assert manifest["labels"]["temperature"] == T and manifest["labels"]["dtype"] == "float16"
+
+
+def test_rerun_reuses_everything(digits_cfg, generated):
+    again = generate.generate(digits_cfg, progress=False)
+    assert again.teacher_forward_passes == 0
+    assert all(r.units_written == 0 for r in again.teachers.values())
+
+
+def test_lost_unit_is_redone_alone(digits_cfg, generated):
+    """A crash between part file and record leaves the unit uncommitted; a rerun redoes just it."""
+    fs, directory, manifest = _units(digits_cfg, generated, "cnn")
+    victim = manifest["units"][0]
+    fs.rm(cache.unit_record_path(fs._strip_protocol(directory), victim["shard_id"]))
+    again = generate.generate(digits_cfg, progress=False)
+    assert again.teachers["cnn"].units_written == 1
+    assert again.teachers["cnn"].rows_labelled == victim["rows"]
+    assert again.teachers["mlp"].units_written == 0 and again.teachers["wide_cnn"].units_written == 0
+    _, _, new_manifest = _units(digits_cfg, again, "cnn")
+    redone = next(u for u in new_manifest["units"] if u["shard_id"] == victim["shard_id"])
+    assert redone["sha256"] == victim["sha256"]  # deterministic bytes
+
+
+def test_changing_temperature_makes_new_units(digits_cfg, generated):
+    cfg = copy.deepcopy(digits_cfg)
+    cfg.labels.temperature = 2.0
+    cfg.teachers = cfg.teachers[:1]
+    rep = generate.generate(cfg, progress=False)
+    assert rep.teachers["mlp"].units_written == len(datasets.list_shards(cfg.data.train))
+    assert rep.teachers["mlp"].directory != generated.teachers["mlp"].directory
+
+
+def test_missing_checkpoint_fails_before_any_work(digits_cfg, ray_cluster):
+    cfg = copy.deepcopy(digits_cfg)
+    cfg.teachers[1].checkpoint = cfg.teachers[1].checkpoint + ".missing"
+    with pytest.raises(FileNotFoundError, match=r"teacher 'cnn': checkpoint .*\.missing"):
+        generate.generate(cfg, progress=False)
+
+
+def test_wrong_class_count_fails(digits_cfg, ray_cluster):
+    cfg = copy.deepcopy(digits_cfg)
+    cfg.data.num_classes = 12
+    with pytest.raises(ValueError, match="teacher 'mlp' gives 10 classes, the dataset has 12"):
+        generate.generate(cfg, progress=False)

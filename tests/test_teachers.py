@@ -1,0 +1,85 @@
+"""Teacher checks before any work: missing checkpoint, wrong class count, wrong architecture,
+unsafe pickles; and the batch predictor against a direct forward pass."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from kdpipe.models import build_model
+from kdpipe.teachers import (
+    TeacherPredictor,
+    inspect_teacher,
+    logits_column,
+    mask_column,
+    save_checkpoint,
+)
+
+PRE = {"image_shape": [1, 8, 8], "scale": 0.0625}
+
+
+def _save(tmp_path, arch, classes):
+    path = str(tmp_path / f"{arch}-{classes}.pt")
+    save_checkpoint(build_model(arch, classes, (1, 8, 8)), path, {}, arch, classes, {"holdout_accuracy": 0.5})
+    return path
+
+
+def test_inspect_gives_stable_digest_and_metrics(tmp_path):
+    path = _save(tmp_path, "cnn", 10)
+    a = inspect_teacher("t", "cnn", path, {}, 10, (1, 8, 8), PRE)
+    b = inspect_teacher("t", "cnn", path, {}, 10, (1, 8, 8), PRE)
+    assert a.digest == b.digest and a.metrics["holdout_accuracy"] == 0.5
+    c = inspect_teacher("t", "cnn", path, {}, 10, (1, 8, 8), {**PRE, "scale": 1.0})
+    assert c.digest != a.digest  # preprocessing is part of the digest
+
+
+def test_missing_checkpoint_names_teacher_and_path(tmp_path):
+    missing = str(tmp_path / "nowhere.pt")
+    with pytest.raises(FileNotFoundError) as e:
+        inspect_teacher("big", "cnn", missing, {}, 10, (1, 8, 8), PRE)
+    assert "'big'" in str(e.value) and missing in str(e.value)
+
+
+def test_class_count_mismatch_names_teacher(tmp_path):
+    path = _save(tmp_path, "mlp", 100)
+    with pytest.raises(ValueError, match=r"teacher 'r50' gives 100 classes, the dataset has 10"):
+        inspect_teacher("r50", "mlp", path, {}, 10, (1, 8, 8), PRE)
+
+
+def test_checkpoint_for_another_architecture(tmp_path):
+    path = _save(tmp_path, "mlp", 10)
+    with pytest.raises(ValueError, match="does not fit architecture 'cnn'"):
+        inspect_teacher("t", "cnn", path, {}, 10, (1, 8, 8), PRE)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    buf = io.BytesIO()
+    torch.save({"state_dict": {}, "x": Evil()}, buf, pickle_module=pickle)
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        inspect_teacher("t", "mlp", str(path), {}, 10, (1, 8, 8), PRE)
+
+
+def test_predictor_matches_direct_forward_and_masks_other_shards(tmp_path):
+    path = _save(tmp_path, "cnn", 10)
+    pred = TeacherPredictor("t", "cnn", path, {}, 10, (1, 8, 8), shard_ids=["a"])
+    x = np.random.default_rng(0).random((6, 1, 8, 8), dtype=np.float32)
+    out = pred({"x": x, "shard_id": np.array(["a", "b", "a", "a", "b", "a"], dtype=object)})
+    mask = out[mask_column("t")]
+    assert mask.tolist() == [True, False, True, True, False, True]
+    model = build_model("cnn", 10, (1, 8, 8))
+    model.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    with torch.no_grad():
+        direct = model.eval()(torch.from_numpy(x)).numpy()
+    assert np.allclose(out[logits_column("t")][mask], direct[mask], atol=1e-5)
+    assert not out[logits_column("t")][~mask].any()

@@ -1,0 +1,121 @@
+"""Student training with Ray Train (2 gloo workers) from cached labels only."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from kdpipe import cache, generate, labels, storage, train
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
+
+
+@pytest.fixture(scope="module")
+def cached(ray_cluster, digits_cfg):
+    generate.generate(digits_cfg, progress=False)
+    return digits_cfg
+
+
+def test_distilled_training_runs_without_any_teacher(cached, tmp_path):
+    cfg = copy.deepcopy(cached)
+    # Hide every checkpoint: training must not need (or build) a teacher.
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for t in cfg.teachers:
+        shutil.move(t.checkpoint, hidden / os.path.basename(t.checkpoint))
+    try:
+        rep = train.train_student(cfg, distill=True)
+    finally:
+        for t in cfg.teachers:
+            shutil.move(hidden / os.path.basename(t.checkpoint), t.checkpoint)
+    assert rep.teachers == ["mlp", "cnn", "wide_cnn"]
+    assert [h["epoch"] for h in rep.history] == [0, 1]
+    assert all(h["kd"] > 0 and h["ce"] > 0 for h in rep.history)
+    assert rep.history[-1]["holdout_rows"] == 898
+    assert rep.holdout_accuracy > 0.5  # 10 classes: chance is 0.1
+    fs, path = storage.filesystem(rep.storage)
+    assert any("checkpoint" in p for p in fs.ls(path))
+
+
+def test_baseline_trains_on_labels_alone(cached):
+    rep = train.train_student(cached, distill=False)
+    assert rep.teachers == []
+    assert "kd" not in rep.history[-1] and rep.history[-1]["ce"] > 0
+
+
+def _first_unit(cfg):
+    fs, root = storage.filesystem(cfg.cache.root)
+    ref = cache.read_ref(fs, root, "cnn")
+    directory = ref["manifest"].rsplit("/", 1)[0]
+    fs, d = storage.filesystem(directory)
+    manifest = storage.read_json(fs, storage.join(d, cache.MANIFEST))
+    return fs, d, manifest["units"][0]
+
+
+def test_corrupt_unit_is_named(cached):
+    fs, d, unit = _first_unit(cached)
+    path = storage.join(d, unit["part"])
+    original = fs.cat_file(path)
+    try:
+        fs.pipe_file(path, original[:-20] + b"\0" * 20)
+        with pytest.raises(Exception, match=f"{unit['part']} does not match its recorded checksum"):
+            train.train_student(cached, distill=True)
+    finally:
+        fs.pipe_file(path, original)
+
+
+def test_unit_with_other_keys_is_refused(cached):
+    fs, d, unit = _first_unit(cached)
+    path = storage.join(d, unit["part"])
+    record_path = cache.unit_record_path(d, unit["shard_id"])
+    manifest_path = storage.join(d, cache.MANIFEST)
+    saved = {p: fs.cat_file(p) for p in (path, record_path, manifest_path)}
+    try:
+        table = pq.read_table(io.BytesIO(saved[path]))
+        keys = table.column(labels.KEY).to_pylist()
+        keys[0] = "intruder-0000"
+        forged = labels.parquet_bytes(labels.labels_table(keys, labels.table_logits(table), "float16"), 1024)
+        fs.pipe_file(path, forged)
+        manifest = storage.read_json(fs, manifest_path)
+        for u in manifest["units"]:
+            if u["shard_id"] == unit["shard_id"]:
+                u["sha256"] = storage.sha256_bytes(forged)
+        storage.write_json(fs, manifest_path, manifest)
+        with pytest.raises(Exception, match=r"sample keys differ from input shard .*intruder-0000"):
+            train.train_student(cached, distill=True)
+    finally:
+        for p, data in saved.items():
+            fs.pipe_file(p, data)
+
+
+def test_unknown_teacher_and_pinned_digest(cached):
+    cfg = copy.deepcopy(cached)
+    cfg.train.teachers = ["nobody"]
+    with pytest.raises(FileNotFoundError, match="teacher 'nobody' has no labels"):
+        train.train_student(cfg, distill=True)
+    cfg.train.teachers = ["cnn@0000000000000000"]
+    with pytest.raises(FileNotFoundError, match="cnn@0000000000000000"):
+        train.train_student(cfg, distill=True)
+
+
+def test_train_step_is_pure_torch():
+    import torch
+
+    from kdpipe.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small_mlp", 10, (1, 8, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = {"x": torch.randn(8, 1, 8, 8), "label": torch.randint(0, 10, (8,)),
+             "teacher_logits": torch.randn(8, 3, 10)}
+    first = train.train_step(model, opt, batch, 4.0, 0.9, None)["loss"]
+    for _ in range(20):
+        last = train.train_step(model, opt, batch, 4.0, 0.9, None)["loss"]
+    assert last < first
+    assert np.isfinite(last)
