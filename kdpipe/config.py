@@ -51,7 +51,7 @@ class DataConfig:
 class TeacherConfig:
     name: str = ""
     arch: str = ""
-    checkpoint: str = ""  # fsspec URI of a state_dict saved by torch.save; "" = <workdir>/teachers/<name>.pt
+    checkpoint: str = ""  # fsspec URI of a state_dict saved by torch.save; "" = <cache.root>/checkpoints/<name>.pt
     batch_size: int = 256
     num_cpus: float | None = None  # per actor; None = sized from the cluster
     num_gpus: float = 0.0
@@ -271,7 +271,7 @@ def resolve_paths(cfg: Config) -> Config:
     new.cache.root = cfg.cache.root or join(workdir, "cache")
     new.train.storage_path = cfg.train.storage_path or join(workdir, "runs")
     for t in new.teachers:
-        t.checkpoint = t.checkpoint or join(workdir, "teachers", f"{t.name}.pt")
+        t.checkpoint = t.checkpoint or join(new.cache.root, "checkpoints", f"{t.name}.pt")
     return new
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kdpipe import datasets, generate, runtime, storage, teachers, train
+from kdpipe import datasets, generate, storage, teachers, train
 from kdpipe.config import Config, TeacherConfig
 from kdpipe.models import build_model
 
@@ -110,7 +110,6 @@ def run_demo(cfg: Config, progress: bool = True) -> DemoResult:
         datasets.ensure_digits(d.train, d.holdout, d.storage_options, d.num_shards, d.holdout_fraction,
                                d.split_seed)
     trained = ensure_teachers(cfg, progress)
-    runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     report = generate.generate(cfg, progress=progress)
     alone = train.train_student(cfg, distill=False)
     distilled = train.train_student(cfg, distill=True)

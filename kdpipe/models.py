@@ -7,7 +7,6 @@ Built-ins are sized for the bundled 8x8 digits; torchvision names cover real ima
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 BUILTIN_ARCHS = ("mlp", "cnn", "wide_cnn", "small_mlp", "tiny_mlp", "tiny_cnn", "linear")
@@ -72,13 +71,3 @@ def build_model(arch: str, num_classes: int, input_shape: tuple[int, ...]) -> nn
         )
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def output_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Class count a model produces, found by a forward pass on the meta device (no compute)."""
-    with torch.no_grad():
-        out = model.to("meta")(torch.empty(2, *input_shape, device="meta"))
-    return int(out.shape[-1])

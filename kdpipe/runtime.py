@@ -26,7 +26,9 @@ def ensure_ray(address: str | None, num_cpus: float | None = None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs: dict = {"include_dashboard": True, "log_to_driver": True,
+    # Worker logs stay in Ray's session folder unless asked for: remote errors still reach the
+    # driver as exceptions with their tracebacks, and the terminal stays readable.
+    kwargs: dict = {"include_dashboard": True, "log_to_driver": os.environ.get("KDPIPE_RAY_LOGS") == "1",
                     "logging_level": logging.WARNING, "configure_logging": True}
     if address:
         ray.init(address=address, **kwargs)
@@ -39,6 +41,7 @@ def ensure_ray(address: str | None, num_cpus: float | None = None) -> bool:
 def _quiet_ray_data() -> None:
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("KDPIPE_RAY_PROGRESS", "0") == "1"
     ctx.print_on_execution_start = False

@@ -55,9 +55,6 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    return fs.cat_file(path)
-
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
     write_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
@@ -70,20 +67,10 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e}); the file is corrupt, delete it and rerun") from e
 
 
-def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    return fs.exists(path)
-
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
-
-def sha256_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stat_token(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:

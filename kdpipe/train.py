@@ -138,7 +138,8 @@ def _teacher_units(cfg: Config, fingerprint: str, specs: list[str]) -> list[dict
 def train_student(cfg: Config, distill: bool = True, run_name: str | None = None) -> TrainReport:
     """Train cfg.train.student with Ray Train. distill=False trains on labels alone (the baseline).
 
-    `cfg` must have its paths resolved and Ray must be running."""
+    `cfg` must have its paths resolved. Ray is started (or joined, per cfg.ray) after the
+    cached labels are found."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -153,6 +154,9 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
     shards = datasets.list_shards(cfg.data.train, cfg.data.storage_options)
     pre = datasets.preprocessing_spec(cfg.data.image_shape, cfg.data.scale)
     units = _teacher_units(cfg, datasets.fingerprint(shards, pre), specs) if distill else []
+    if not cfg.data.label_column:
+        raise ValueError("data.label_column is null: held-out evaluation needs labels on data.holdout")
+    runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     data = {"key_column": cfg.data.key_column, "image_column": cfg.data.image_column,
             "label_column": cfg.data.label_column, "image_shape": list(cfg.data.image_shape),
             "scale": cfg.data.scale, "storage_options": cfg.data.storage_options}

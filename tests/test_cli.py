@@ -36,7 +36,7 @@ def test_generate_with_missing_checkpoint_fails_fast(tmp_path):
     cfg = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "digits.yaml")
     out = kdpipe("generate", cfg, "--workdir", str(tmp_path), timeout=120)
     assert out.returncode == 2
-    assert "teacher 'mlp': checkpoint" in out.stderr and str(tmp_path / "teachers" / "mlp.pt") in out.stderr
+    assert "teacher 'mlp': checkpoint" in out.stderr and str(tmp_path / "cache" / "checkpoints" / "mlp.pt") in out.stderr
 
 
 @pytest.mark.ray

@@ -11,7 +11,7 @@ def test_builtin_default_has_three_teachers_and_resolves_paths(tmp_path):
     cfg = resolve_paths(load_config(None, [f"workdir={tmp_path}"]))
     assert [t.name for t in cfg.teachers] == ["mlp", "cnn", "wide_cnn"]
     assert cfg.cache.root == f"{tmp_path}/cache"
-    assert cfg.teachers[0].checkpoint == f"{tmp_path}/teachers/mlp.pt"
+    assert cfg.teachers[0].checkpoint == f"{tmp_path}/cache/checkpoints/mlp.pt"
 
 
 def test_yaml_roundtrip_and_overrides(tmp_path):

@@ -1,0 +1,47 @@
+"""Resource sizing: every plan fits the cluster it was sized for (Ray waits forever otherwise)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdpipe.runtime import READ_TASK_CPUS, plan_teacher_pools, plan_train_worker_cpus
+
+
+def _total(plans):
+    return sum(p.num_cpus * p.pool_size for p in plans)
+
+
+def test_laptop_three_teachers_leave_room_for_reads():
+    plans = plan_teacher_pools(2, 0, [(n, None, 0.0, None) for n in ("a", "b", "c")])
+    assert all(p.pool_size == 1 and 0 < p.num_cpus < 1 for p in plans)
+    assert _total(plans) + READ_TASK_CPUS <= 2
+
+
+def test_big_node_gets_whole_cpu_actors():
+    plans = plan_teacher_pools(16, 0, [(n, None, 0.0, None) for n in ("a", "b", "c")])
+    assert all(p.num_cpus == 1.0 and p.pool_size == 3 and p.threads == 1 for p in plans)
+    assert _total(plans) + READ_TASK_CPUS <= 16
+
+
+def test_gpu_teachers_share_the_gpus():
+    plans = plan_teacher_pools(16, 4, [("a", None, 1.0, None), ("b", None, 0.5, None)])
+    assert plans[0].num_gpus == 1.0 and plans[0].pool_size == 2
+    assert plans[1].num_gpus == 0.5 and plans[1].pool_size == 4
+    assert sum(p.num_gpus * p.pool_size for p in plans) <= 4
+
+
+def test_explicit_requests_win():
+    (plan,) = plan_teacher_pools(8, 0, [("a", 2.0, 0.0, 2)])
+    assert (plan.num_cpus, plan.pool_size, plan.threads) == (2.0, 2, 2)
+
+
+@pytest.mark.parametrize("cpus, gpus, request_", [(2, 0, ("big", None, 1.0, None)), (2, 0, ("big", 4.0, 0.0, 1))])
+def test_impossible_request_fails_naming_teacher(cpus, gpus, request_):
+    with pytest.raises(ValueError, match="teacher 'big'.*wait forever"):
+        plan_teacher_pools(cpus, gpus, [request_])
+
+
+def test_train_workers_fit_with_reads():
+    assert 2 * plan_train_worker_cpus(2, 2, None) + READ_TASK_CPUS <= 2
+    assert plan_train_worker_cpus(32, 2, None) == 4.0
+    assert plan_train_worker_cpus(2, 2, 0.3) == 0.3
