@@ -54,6 +54,34 @@ def unit_record_path(directory: str, shard_id: str) -> str:
     return storage.join(directory, "_units", f"{shard_id}.json")
 
 
+def unit_part_path(directory: str, record: dict[str, Any]) -> str:
+    """Where a unit's part file lives: a unit may be committed in a sibling directory (same
+    teacher digest and label settings, another dataset version) and referenced from here."""
+    parent, _, own = directory.rstrip("/").rpartition("/")
+    return storage.join(parent, record.get("dir") or own, record["part"])
+
+
+def find_reusable_units(fs, directory: str, shard_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Committed units for `shard_ids` in sibling directories with the same label settings.
+
+    Lists the teacher digest's directory to find siblings (a discovery step), then trusts only
+    their unit records. Returns {shard_id: record pointing at the sibling's part file}."""
+    if not shard_ids:
+        return {}
+    parent, _, own = directory.rstrip("/").rpartition("/")
+    label_hash = own.rpartition("-")[2]
+    siblings = sorted(p.rstrip("/").rpartition("/")[2] for p in fs.ls(parent, detail=False)) if fs.exists(parent) else []
+    siblings = [s for s in siblings if s != own and s.endswith(f"-{label_hash}")]
+    found: dict[str, dict[str, Any]] = {}
+    for sid in shard_ids:
+        for sibling in siblings:
+            record = read_unit(fs, storage.join(parent, sibling), sid)
+            if record is not None:
+                found[sid] = {**record, "dir": record.get("dir") or sibling}
+                break
+    return found
+
+
 def read_unit(fs, directory: str, shard_id: str) -> dict[str, Any] | None:
     path = unit_record_path(directory, shard_id)
     return storage.read_json(fs, path) if fs.exists(path) else None
@@ -70,6 +98,7 @@ def write_unit(fs, directory: str, shard: dict[str, Any], table, row_group_size:
         "input_uri": shard["uri"],
         "input_token": shard["token"],
         "part": name,
+        "dir": directory.rstrip("/").rpartition("/")[2],
         "rows": table.num_rows,
         "keys_sha256": keys_digest(table.column(labels.KEY).to_pylist()),
         "sha256": storage.sha256_bytes(data),
@@ -90,7 +119,7 @@ def build_manifest(teacher: dict[str, Any], fingerprint: str, dataset_uri: str,
         "teacher": teacher,
         "dataset": {"uri": dataset_uri, "fingerprint": fingerprint},
         "labels": settings,
-        "units": [{k: u[k] for k in ("shard_id", "part", "rows", "keys_sha256", "sha256", "bytes")}
+        "units": [{k: u[k] for k in ("shard_id", "dir", "part", "rows", "keys_sha256", "sha256", "bytes")}
                   for u in units],
         "rows": sum(u["rows"] for u in units),
         "quality": labels.summarize_quality([u["quality"] for u in units]),
@@ -141,3 +170,113 @@ def resolve_manifest(fs, root: str, spec: str, fingerprint: str, label_hash: str
             f"{storage.join(directory, MANIFEST)} is missing; run `kdpipe generate` with the same data and labels config"
         )
     return directory, manifest
+
+
+# --- Inventory: listing, verification, garbage collection (`kdpipe cache ...`) -------------------
+# These are the only functions that list directories: an inventory must find what no ref names.
+
+
+def list_caches(fs, root: str) -> list[dict[str, Any]]:
+    """Every unit directory under <root>/teachers with its manifest summary (or `complete: False`)."""
+    base = storage.join(root, "teachers")
+    if not fs.exists(base):
+        return []
+    refs = {}
+    refs_dir = storage.join(root, "refs")
+    if fs.exists(refs_dir):
+        for path in fs.ls(refs_dir, detail=False):
+            if path.endswith(".json"):
+                ref = storage.read_json(fs, path)
+                refs[ref["teacher"]] = ref
+    out = []
+    for teacher_dir in sorted(fs.ls(base, detail=False)):
+        teacher = teacher_dir.rstrip("/").rsplit("/", 1)[-1]
+        for digest_dir in sorted(fs.ls(teacher_dir, detail=False)):
+            digest = digest_dir.rstrip("/").rsplit("/", 1)[-1]
+            for unit_dir_path in sorted(fs.ls(digest_dir, detail=False)):
+                name = unit_dir_path.rstrip("/").rsplit("/", 1)[-1]
+                fingerprint, _, label_hash = name.rpartition("-")
+                entry: dict[str, Any] = {"teacher": teacher, "digest": digest, "fingerprint": fingerprint,
+                                         "label_hash": label_hash, "directory": fs.unstrip_protocol(unit_dir_path)}
+                ref = refs.get(teacher)
+                entry["latest"] = bool(ref and ref["digest"] == digest and ref["fingerprint"] == fingerprint
+                                       and ref["label_hash"] == label_hash)
+                manifest_path = storage.join(unit_dir_path, MANIFEST)
+                if fs.exists(manifest_path):
+                    m = storage.read_json(fs, manifest_path)
+                    entry.update(complete=True, rows=m["rows"], units=len(m["units"]),
+                                 references=sorted({u["dir"] for u in m["units"]} - {name}),
+                                 bytes=sum(u["bytes"] for u in m["units"]), created_at=m["created_at"],
+                                 labels={k: m["labels"][k] for k in ("mode", "temperature", "dtype", "format")},
+                                 quality=m["quality"], dataset=m["dataset"]["uri"])
+                else:
+                    entry.update(complete=False, created_at=_newest_mtime(fs, unit_dir_path))
+                out.append(entry)
+    return out
+
+
+def _newest_mtime(fs, path: str) -> float:
+    newest = 0.0
+    for info in fs.find(path, detail=True).values():
+        mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+        if hasattr(mtime, "timestamp"):
+            mtime = mtime.timestamp()
+        newest = max(newest, float(mtime))
+    return newest
+
+
+def verify_cache(fs, directory: str) -> list[str]:
+    """Re-read every unit named by the manifest in `directory`: checksum, row count, key digest,
+    finite values and probability sums. Returns the faults found (empty: the cache is sound)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    try:
+        manifest = read_manifest(fs, directory)
+    except ValueError as e:
+        return [str(e)]
+    if manifest is None:
+        return [f"{fs.unstrip_protocol(directory)}: no {MANIFEST} (incomplete generation: rerun `kdpipe generate`)"]
+    faults = []
+    temperature = manifest["labels"]["temperature"]
+    for unit in manifest["units"]:
+        path = unit_part_path(directory, unit)
+        where = f"unit {unit['shard_id']} ({fs.unstrip_protocol(path)})"
+        if not fs.exists(path):
+            faults.append(f"{where}: part file is missing")
+            continue
+        data = fs.cat_file(path)
+        if storage.sha256_bytes(data) != unit["sha256"]:
+            faults.append(f"{where}: checksum differs from the manifest (corrupt or modified)")
+            continue
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except Exception as e:  # pyarrow raises several types for damaged files
+            faults.append(f"{where}: unreadable Parquet ({e})")
+            continue
+        keys = table.column(labels.KEY).to_pylist()
+        if len(keys) != unit["rows"]:
+            faults.append(f"{where}: {len(keys)} rows, manifest says {unit['rows']}")
+        if keys_digest(keys) != unit["keys_sha256"]:
+            faults.append(f"{where}: sample keys differ from the committed ones")
+        logits = labels.table_logits(table)
+        if not np.isfinite(logits).all():
+            faults.append(f"{where}: non-finite logits")
+            continue
+        sums = labels.softmax(logits, temperature).sum(-1)
+        if not np.allclose(sums, 1.0, atol=1e-6):
+            faults.append(f"{where}: probabilities do not sum to 1 (worst {float(np.abs(sums - 1).max()):.2e})")
+    return faults
+
+
+def garbage(entries: list[dict[str, Any]], older_than_s: float, now: float | None = None) -> list[dict[str, Any]]:
+    """The unit directories no ref points to, that no latest cache borrows units from, and
+    older than `older_than_s` seconds."""
+    now = time.time() if now is None else now
+    borrowed = {(e["teacher"], e["digest"], ref) for e in entries if e["latest"] for ref in e.get("references", [])}
+
+    def live(e: dict[str, Any]) -> bool:
+        return e["latest"] or (e["teacher"], e["digest"], f"{e['fingerprint']}-{e['label_hash']}") in borrowed
+
+    return [e for e in entries if not live(e) and now - float(e.get("created_at") or 0) >= older_than_s]

@@ -51,6 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train.teachers (no teacher is run), and evaluate on data.holdout.")
     _add_config_args(p, config_required=True)
     p.add_argument("--no-distill", action="store_true", help="train on labels alone (the baseline)")
+
+    cache = sub.add_parser("cache", help="inspect, verify and clean the soft-label cache",
+                           description="List, show, verify and garbage-collect committed soft labels. The cache "
+                                       "is cache.root of the config (default: the demo's).")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    for name, text in (("ls", "list teachers, digests, datasets, sizes, times, and which is latest"),
+                       ("show", "print a cache's manifest and label-quality figures (reads no shard)"),
+                       ("verify", "re-read every unit: checksums, counts, keys, probability sums; exit 1 on faults"),
+                       ("gc", "remove caches no ref points to")):
+        p = cache_sub.add_parser(name, help=text, description=text)
+        _add_config_args(p, config_required=False)
+        p.add_argument("--root", default=None, help="cache root URI (overrides cache.root)")
+        if name in ("show", "verify"):
+            p.add_argument("teacher", nargs="?", default=None,
+                           help="TEACHER (its latest labels) or TEACHER@DIGEST; default: every cache")
+        if name == "gc":
+            p.add_argument("--older-than", default="7d", help="only caches older than this (e.g. 0s, 12h, 7d)")
+            p.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
     return parser
 
 
@@ -58,6 +76,8 @@ def _config(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
     if args.workdir:
         overrides.insert(0, f"workdir={args.workdir}")
+    if getattr(args, "root", None):
+        overrides.append(f"cache.root={args.root}")
     return resolve_paths(load_config(args.config, overrides))
 
 
@@ -81,9 +101,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: Config) -> int:
-    from kdpipe import datasets, runtime
+    from kdpipe import datasets
 
     progress = not args.quiet
+    if args.command == "cache":
+        from kdpipe.cachecli import run_cache_command
+
+        return run_cache_command(args, cfg, _emit)
     if args.command == "demo":
         from kdpipe.demo import format_table, run_demo
 
@@ -95,10 +119,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     if d.builtin:
         datasets.ensure_digits(d.train, d.holdout, d.storage_options, d.num_shards, d.holdout_fraction, d.split_seed)
     if args.command == "generate":
-        from kdpipe.generate import generate, inspect_teachers
+        from kdpipe.generate import generate
 
-        inspect_teachers(cfg)  # fail fast, before Ray starts
-        runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
         report = generate(cfg, progress=progress)
         lines = [f"{'teacher':<14}{'digest':<18}{'units':>7}{'new':>6}{'rows labelled':>15}  accuracy"]
         for name, r in report.teachers.items():
@@ -110,7 +132,6 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "train":
         from kdpipe.train import train_student
 
-        runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
         rep = train_student(cfg, distill=not args.no_distill)
         obj = {"run": rep.run, "storage": rep.storage, "teachers": rep.teachers,
                "holdout_accuracy": rep.holdout_accuracy, "history": rep.history, "seconds": rep.seconds}

@@ -12,14 +12,14 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdpipe import labels, storage
+from kdpipe import cache, labels, storage
 
 DATASET_RECORD = "_dataset.json"
 
@@ -160,9 +160,6 @@ def ensure_digits(train_uri: str, holdout_uri: str, storage_options: dict[str, A
     return True
 
 
-def shard_records(shards: list[InputShard]) -> list[dict[str, Any]]:
-    return [asdict(s) for s in shards]
-
 
 def load_split(uri: str, storage_options: dict[str, Any] | None, key_column: str, image_column: str,
                label_column: str | None, image_shape: list[int], scale: float) -> tuple[list[str], np.ndarray, np.ndarray | None]:
@@ -221,7 +218,7 @@ def read_joined_shard(batch: dict[str, np.ndarray], data: dict[str, Any], units:
             raise ValueError(f"{where}: no committed labels for input shard {uri} "
                              f"in {unit['directory']}; run `kdpipe generate` for this dataset")
         fs, directory = storage.filesystem(unit["directory"], unit["storage_options"])
-        path = storage.join(directory, record["part"])
+        path = cache.unit_part_path(directory, record)
         payload = fs.cat_file(path)
         if storage.sha256_bytes(payload) != record["sha256"]:
             raise ValueError(f"{where}: {fs.unstrip_protocol(path)} does not match its recorded checksum "

@@ -41,6 +41,7 @@ class TeacherResult:
     directory: str
     units_total: int
     units_written: int = 0
+    units_reused: int = 0  # committed earlier for another version of the dataset
     rows_labelled: int = 0
     quality: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -85,8 +86,8 @@ def inspect_teachers(cfg: Config) -> list[TeacherInfo]:
 def generate(cfg: Config, progress: bool = True) -> GenerateReport:
     """Label cfg.data.train with every teacher in cfg.teachers; commit units, manifests, refs.
 
-    `cfg` must have its paths resolved (config.resolve_paths) and Ray must be running."""
-
+    `cfg` must have its paths resolved (config.resolve_paths). Teachers are checked before
+    anything else; Ray is started (or joined, per cfg.ray) only when some unit is missing."""
     started = time.time()
     if not cfg.teachers:
         raise ValueError("no teachers configured: add at least one entry under `teachers`")
@@ -101,13 +102,21 @@ def generate(cfg: Config, progress: bool = True) -> GenerateReport:
     fs, root = storage.filesystem(cfg.cache.root, cfg.cache.storage_options)
     dirs = {i.name: cache.unit_dir(root, i.name, i.digest, fingerprint, label_hash) for i in infos}
     done = _shard_plan(fs, shards, dirs)
-    missing = {name: [s.shard_id for s in shards if s.shard_id not in done[name]] for name in dirs}
     results = {i.name: TeacherResult(i.name, i.digest, fs.unstrip_protocol(dirs[i.name]), len(shards),
                                      metrics=i.metrics) for i in infos}
+    for name, directory in dirs.items():
+        # Same teacher, same labels, an input shard committed for another dataset version
+        # (e.g. before new shards arrived): commit a reference to it instead of relabelling.
+        absent = [s.shard_id for s in shards if s.shard_id not in done[name]]
+        for sid, record in cache.find_reusable_units(fs, directory, absent).items():
+            storage.write_json(fs, cache.unit_record_path(directory, sid), record)
+            done[name][sid] = record
+            results[name].units_reused += 1
+    missing = {name: [s.shard_id for s in shards if s.shard_id not in done[name]] for name in dirs}
     todo = {name: ids for name, ids in missing.items() if ids}
     for name in dirs:
-        log.info("teacher %s: %d of %d units committed, %d to label", name,
-                 len(done[name]), len(shards), len(missing[name]))
+        log.info("teacher %s: %d of %d units committed (%d reused), %d to label", name,
+                 len(done[name]), len(shards), results[name].units_reused, len(missing[name]))
 
     if todo:
         by_id = {s.shard_id: s for s in shards}
@@ -122,7 +131,7 @@ def generate(cfg: Config, progress: bool = True) -> GenerateReport:
     for name, directory in dirs.items():
         units = [done[name][s.shard_id] for s in shards]
         manifest = cache.read_manifest(fs, directory)
-        if manifest is None or results[name].units_written:
+        if manifest is None or results[name].units_written or results[name].units_reused:
             info = teacher_by_name[name]
             teacher_meta = {"name": name, "arch": info.arch, "digest": info.digest,
                             "checkpoint": info.checkpoint, "checkpoint_sha256": info.checkpoint_sha256,
@@ -141,6 +150,7 @@ def _run_pipeline(cfg: Config, shards: list[datasets.InputShard], todo: dict[str
                   infos: list[TeacherInfo], fs, dirs: dict[str, str], progress: bool) -> dict[str, dict[str, dict]]:
     import ray.data
 
+    runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     cpus, gpus = runtime.cluster_cpus_gpus()
     teachers = [t for t in cfg.teachers if t.name in todo]
     plans = runtime.plan_teacher_pools(cpus, gpus, [(t.name, t.num_cpus, t.num_gpus, t.pool_size) for t in teachers])

@@ -105,3 +105,48 @@ def test_wrong_class_count_fails(digits_cfg, ray_cluster):
     cfg.data.num_classes = 12
     with pytest.raises(ValueError, match="teacher 'mlp' gives 10 classes, the dataset has 12"):
         generate.generate(cfg, progress=False)
+
+
+def test_new_input_shard_labels_only_that_shard(ray_cluster, digits_cfg, tmp_path):
+    """New shards arrive: only their units run through the teachers; the rest are reused by
+    reference, and the new dataset version trains with labels from both."""
+    import shutil
+
+    import pyarrow as pa
+
+    from kdpipe import train
+
+    cfg = copy.deepcopy(digits_cfg)
+    cfg.data.train = str(tmp_path / "train")
+    cfg.cache.root = str(tmp_path / "cache")
+    cfg.teachers = cfg.teachers[:2]
+    cfg.train.epochs = 1
+    shutil.copytree(digits_cfg.data.train, cfg.data.train)
+    first = generate.generate(cfg, progress=False)
+    assert all(r.units_written == 4 for r in first.teachers.values())
+
+    holdout = datasets.read_shard(datasets.list_shards(cfg.data.holdout)[0].uri, {})
+    extra = holdout.slice(0, 37)
+    extra = extra.set_column(0, "sample_key", pa.array([f"extra-{i:04d}" for i in range(37)]))
+    pq.write_table(extra, str(tmp_path / "train" / "train-99999.parquet"))
+
+    second = generate.generate(cfg, progress=False)
+    assert second.fingerprint != first.fingerprint
+    for name in ("mlp", "cnn"):
+        r = second.teachers[name]
+        assert (r.units_written, r.units_reused, r.rows_labelled) == (1, 4, 37)
+    assert second.teacher_forward_passes == 2 * 37
+    fs, _ = storage.filesystem(cfg.cache.root)
+    manifest = storage.read_json(fs, storage.join(second.teachers["cnn"].directory, cache.MANIFEST))
+    assert manifest["rows"] == 899 + 37 and len(manifest["units"]) == 5
+    assert len({u["dir"] for u in manifest["units"]}) == 2  # 4 units borrowed, 1 new
+
+    third = generate.generate(cfg, progress=False)
+    assert third.teacher_forward_passes == 0 and all(r.units_reused == 0 for r in third.teachers.values())
+
+    rep = train.train_student(cfg, distill=True)
+    assert rep.history[-1]["rows"] * cfg.train.num_workers == 899 + 37
+
+    # gc keeps the old dataset version's directory: the latest one borrows its units.
+    entries = cache.list_caches(fs, fs._strip_protocol(cfg.cache.root))
+    assert len(entries) == 4 and cache.garbage(entries, 0) == []
