@@ -5,6 +5,9 @@ loss = alpha * T^2 * KL(p_teachers || q_student) + (1 - alpha) * CE(student, lab
 p_teachers is the weighted average of the teachers' distributions softmax(z_k / T) (an ensemble
 of distributions, not of logits); q_student = softmax(s / T). The T^2 factor keeps the gradient
 scale of the soft term independent of T (Hinton et al., 2015).
+
+Top-k teachers (`topk_kd_kl`) store only k probabilities and their tail mass; teacher and student
+are then compared over the same k + 1 bins (the k stored classes and one tail bin).
 """
 
 from __future__ import annotations
@@ -63,3 +66,43 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     logged = {k: float(v.detach()) for k, v in parts.items()}
     logged["loss"] = float(loss.detach())
     return loss, logged
+
+
+def topk_kd_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor,
+               tail: torch.Tensor, temperature: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * batch mean of sum_k w_k KL(teacher_k || student) over each teacher's k + 1 bins.
+
+    Bins of teacher k: its k stored classes, with probabilities topk_probs, and one tail bin with
+    its tail mass. The student's bins: softmax(student / T) at the same ids, and the rest of its
+    mass in the tail bin, taken in log space (logsumexp over the unstored classes) so that a
+    confident student's tiny tail keeps finite gradients. When the ids cover every class there is
+    no tail bin and the term is the full KL.
+
+    student_logits [B, C]; topk_ids [B, K, k] or [B, k] (distinct ids per row); topk_probs: the
+    teacher probabilities at T, shaped as topk_ids; tail [B, K] or [B]; weights [K] (normalised
+    here) or None for equal. Returns a scalar. With full support (k = C) this differs from
+    `kd_kl` of the averaged teachers by a constant (the ensemble's Jensen gap), with the same
+    gradient; with one teacher it is equal.
+    """
+    if topk_ids.dim() == 2:
+        topk_ids, topk_probs, tail = topk_ids[:, None], topk_probs[:, None], tail[:, None]
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [B, C]
+    b, num_teachers, _ = topk_ids.shape
+    ids = topk_ids.long()
+    log_q = log_q[:, None, :].expand(b, num_teachers, -1)  # [B, K, C]
+    covered = torch.zeros_like(log_q, dtype=torch.bool).scatter_(2, ids, True)
+    no_tail = covered.all(dim=-1)  # [B, K]
+    # Rows without a tail mask nothing, so logsumexp never sees only -inf (NaN gradients).
+    masked = log_q.masked_fill(covered & ~no_tail[..., None], float("-inf"))
+    log_q_tail = torch.logsumexp(masked, dim=-1)  # [B, K]
+    p = topk_probs.to(dtype)
+    t = tail.to(dtype).clamp(min=0)  # value rounding can leave a tail of -1e-8
+    kl = (torch.xlogy(p, p) - p * torch.gather(log_q, 2, ids)).sum(dim=-1)
+    kl = kl + torch.where(no_tail, torch.zeros_like(t), torch.xlogy(t, t) - t * log_q_tail)  # [B, K]
+    if weights is None:
+        return kl.mean(dim=1).mean() * temperature**2
+    w = weights.to(dtype).to(kl.device)
+    if w.shape != (num_teachers,):
+        raise ValueError(f"teacher weights have shape {tuple(w.shape)}, expected ({num_teachers},)")
+    return (kl @ (w / w.sum())).mean() * temperature**2
