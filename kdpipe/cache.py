@@ -26,11 +26,29 @@ MANIFEST = "_manifest.json"
 
 
 def label_settings(temperature: float, mode: str, dtype: str, fmt: str, num_classes: int,
-                   class_names: list[str]) -> dict[str, Any]:
+                   class_names: list[str], k: int | None = None) -> dict[str, Any]:
     """Everything that changes the stored labels of a given teacher on given inputs."""
-    return {"schema_version": labels.SCHEMA_VERSION, "temperature": float(temperature), "mode": mode,
-            "dtype": dtype, "format": fmt, "num_classes": int(num_classes),
-            "class_names": list(class_names)}
+    settings = {"schema_version": labels.SCHEMA_VERSION, "temperature": float(temperature), "mode": mode,
+                "dtype": dtype, "format": fmt, "num_classes": int(num_classes),
+                "class_names": list(class_names)}
+    if mode == "topk":
+        settings["k"] = int(k)
+    return settings
+
+
+def settings_from_config(cfg) -> dict[str, Any]:
+    """label_settings() for a kdpipe Config (class names default to "0".."C-1")."""
+    lab, data = cfg.labels, cfg.data
+    names = data.class_names or [str(i) for i in range(data.num_classes)]
+    return label_settings(lab.temperature, lab.mode, lab.dtype, lab.format, data.num_classes, names, lab.k)
+
+
+EXACTNESS = {
+    "full": "exact: every logit is stored, so softmax(z/T') is exact (up to the dtype) at any T'",
+    "topk": "exact at the generation T: the top-k probabilities and the tail mass; at another T' the "
+            "ratios between stored classes stay exact and the tail is approximated by its maximum-"
+            "entropy completion (labels.retemper_topk)",
+}
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -46,8 +64,8 @@ def unit_dir(root: str, teacher: str, digest: str, fingerprint: str, label_hash:
     return storage.join(root, "teachers", teacher, digest, f"{fingerprint}-{label_hash}")
 
 
-def part_name(shard_id: str) -> str:
-    return f"part-{shard_id}.parquet"
+def part_name(shard_id: str, fmt: str = "parquet") -> str:
+    return f"part-{shard_id}.{labels.EXTENSIONS[fmt]}"
 
 
 def unit_record_path(directory: str, shard_id: str) -> str:
@@ -87,11 +105,10 @@ def read_unit(fs, directory: str, shard_id: str) -> dict[str, Any] | None:
     return storage.read_json(fs, path) if fs.exists(path) else None
 
 
-def write_unit(fs, directory: str, shard: dict[str, Any], table, row_group_size: int,
+def write_unit(fs, directory: str, shard: dict[str, Any], data: bytes, fmt: str, keys: list[str],
                quality: dict[str, Any]) -> dict[str, Any]:
-    """Commit one unit: the part file, then its record. Returns the record."""
-    data = labels.parquet_bytes(table, row_group_size)
-    name = part_name(shard["shard_id"])
+    """Commit one unit: the part file (`data`, encoded by labels.encode_unit), then its record."""
+    name = part_name(shard["shard_id"], fmt)
     storage.write_bytes(fs, storage.join(directory, name), data)
     record = {
         "shard_id": shard["shard_id"],
@@ -99,8 +116,8 @@ def write_unit(fs, directory: str, shard: dict[str, Any], table, row_group_size:
         "input_token": shard["token"],
         "part": name,
         "dir": directory.rstrip("/").rpartition("/")[2],
-        "rows": table.num_rows,
-        "keys_sha256": keys_digest(table.column(labels.KEY).to_pylist()),
+        "rows": len(keys),
+        "keys_sha256": keys_digest(keys),
         "sha256": storage.sha256_bytes(data),
         "bytes": len(data),
         "quality": quality,
@@ -119,6 +136,7 @@ def build_manifest(teacher: dict[str, Any], fingerprint: str, dataset_uri: str,
         "teacher": teacher,
         "dataset": {"uri": dataset_uri, "fingerprint": fingerprint},
         "labels": settings,
+        "exactness": EXACTNESS[settings["mode"]],
         "units": [{k: u[k] for k in ("shard_id", "dir", "part", "rows", "keys_sha256", "sha256", "bytes")}
                   for u in units],
         "rows": sum(u["rows"] for u in units),
@@ -207,7 +225,8 @@ def list_caches(fs, root: str) -> list[dict[str, Any]]:
                     entry.update(complete=True, rows=m["rows"], units=len(m["units"]),
                                  references=sorted({u["dir"] for u in m["units"]} - {name}),
                                  bytes=sum(u["bytes"] for u in m["units"]), created_at=m["created_at"],
-                                 labels={k: m["labels"][k] for k in ("mode", "temperature", "dtype", "format")},
+                                 labels={k: m["labels"][k] for k in ("mode", "temperature", "dtype", "format", "k")
+                                         if k in m["labels"]},
                                  quality=m["quality"], dataset=m["dataset"]["uri"])
                 else:
                     entry.update(complete=False, created_at=_newest_mtime(fs, unit_dir_path))
@@ -228,10 +247,6 @@ def _newest_mtime(fs, path: str) -> float:
 def verify_cache(fs, directory: str) -> list[str]:
     """Re-read every unit named by the manifest in `directory`: checksum, row count, key digest,
     finite values and probability sums. Returns the faults found (empty: the cache is sound)."""
-    import io
-
-    import pyarrow.parquet as pq
-
     try:
         manifest = read_manifest(fs, directory)
     except ValueError as e:
@@ -239,7 +254,8 @@ def verify_cache(fs, directory: str) -> list[str]:
     if manifest is None:
         return [f"{fs.unstrip_protocol(directory)}: no {MANIFEST} (incomplete generation: rerun `kdpipe generate`)"]
     faults = []
-    temperature = manifest["labels"]["temperature"]
+    settings = manifest["labels"]
+    temperature = settings["temperature"]
     for unit in manifest["units"]:
         path = unit_part_path(directory, unit)
         where = f"unit {unit['shard_id']} ({fs.unstrip_protocol(path)})"
@@ -251,21 +267,25 @@ def verify_cache(fs, directory: str) -> list[str]:
             faults.append(f"{where}: checksum differs from the manifest (corrupt or modified)")
             continue
         try:
-            table = pq.read_table(io.BytesIO(data))
-        except Exception as e:  # pyarrow raises several types for damaged files
-            faults.append(f"{where}: unreadable Parquet ({e})")
+            rows = labels.decode_unit(data, settings["mode"], settings["format"])
+        except Exception as e:  # pyarrow and tarfile raise several types for damaged files
+            faults.append(f"{where}: unreadable {settings['format']} unit ({e})")
             continue
-        keys = table.column(labels.KEY).to_pylist()
+        keys = rows["keys"]
         if len(keys) != unit["rows"]:
             faults.append(f"{where}: {len(keys)} rows, manifest says {unit['rows']}")
         if keys_digest(keys) != unit["keys_sha256"]:
             faults.append(f"{where}: sample keys differ from the committed ones")
-        logits = labels.table_logits(table)
-        if not np.isfinite(logits).all():
+        values = rows[labels.LOGITS] if settings["mode"] == "full" else rows[labels.TOPK_VALUES]
+        if not np.isfinite(values).all():
             faults.append(f"{where}: non-finite logits")
             continue
-        sums = labels.softmax(logits, temperature).sum(-1)
-        if not np.allclose(sums, 1.0, atol=1e-6):
+        if settings["mode"] == "full":
+            sums = labels.softmax(values, temperature).sum(-1)
+        else:  # the stored probabilities plus the tail mass: <= 1 before clipping the tail
+            p = labels.topk_probs(values, rows[labels.LOG_Z], temperature).sum(-1)
+            sums = p + labels.tail_mass(values, rows[labels.LOG_Z], temperature)
+        if not np.allclose(sums, 1.0, atol=1e-6 if settings["mode"] == "full" else 2e-3):
             faults.append(f"{where}: probabilities do not sum to 1 (worst {float(np.abs(sums - 1).max()):.2e})")
     return faults
 

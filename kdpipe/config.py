@@ -64,9 +64,10 @@ class TeacherConfig:
 @dataclass
 class LabelConfig:
     temperature: float = 5.0
-    mode: str = "full"  # full: every logit
+    mode: str = "full"  # full: every logit; topk: the k largest, their ids and the log-partition
+    k: int = 10  # topk mode only
     dtype: str = "float16"  # storage dtype of logits
-    format: str = "parquet"
+    format: str = "parquet"  # parquet | webdataset
     row_group_size: int = 1024
 
 
@@ -129,12 +130,14 @@ def validate(cfg: Config) -> None:
     lab, tr, data = cfg.labels, cfg.train, cfg.data
     if lab.temperature <= 0:
         raise bad("labels.temperature", lab.temperature, "must be > 0")
-    if lab.mode != "full":
-        raise bad("labels.mode", lab.mode, "supported modes: full")
+    if lab.mode not in ("full", "topk"):
+        raise bad("labels.mode", lab.mode, "use full or topk")
+    if lab.mode == "topk" and not 1 <= lab.k <= data.num_classes:
+        raise bad("labels.k", lab.k, f"must be in [1, data.num_classes={data.num_classes}]")
     if lab.dtype not in ("float16", "float32"):
         raise bad("labels.dtype", lab.dtype, "use float16 or float32")
-    if lab.format != "parquet":
-        raise bad("labels.format", lab.format, "supported formats: parquet")
+    if lab.format not in ("parquet", "webdataset"):
+        raise bad("labels.format", lab.format, "use parquet or webdataset")
     if not 0.0 <= tr.alpha <= 1.0:
         raise bad("train.alpha", tr.alpha, "must be in [0, 1]")
     if tr.temperature <= 0:

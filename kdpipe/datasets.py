@@ -199,7 +199,11 @@ def read_decoded_shard(batch: dict[str, np.ndarray], data: dict[str, Any]) -> di
 
 
 def read_joined_shard(batch: dict[str, np.ndarray], data: dict[str, Any], units: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """One input shard per call, joined by sample_key with each teacher's unit for that shard."""
+    """One input shard per call, joined by sample_key with each teacher's unit for that shard.
+
+    Rows get x, label and either teacher_logits [N, K, C] (every teacher stored full logits) or,
+    when data["topk_k"] is set, topk_ids / topk_probs [N, K, k] and topk_tail [N, K] at the
+    student's temperature data["temperature"]."""
     uri, shard_id = str(batch["uri"][0]), str(batch["shard_id"][0])
     columns = [data["key_column"], data["image_column"]] + ([data["label_column"]] if data["label_column"] else [])
     table = read_shard(uri, data["storage_options"], columns)
@@ -210,7 +214,7 @@ def read_joined_shard(batch: dict[str, np.ndarray], data: dict[str, Any], units:
     }
     if data["label_column"]:
         out["label"] = table.column(data["label_column"]).to_numpy(zero_copy_only=False).astype(np.int64)[order]
-    teacher_logits = []
+    teacher_rows = []
     for unit in units:
         record = unit["records"].get(shard_id)
         where = f"teacher {unit['teacher']!r} unit {shard_id}"
@@ -223,13 +227,20 @@ def read_joined_shard(batch: dict[str, np.ndarray], data: dict[str, Any], units:
         if storage.sha256_bytes(payload) != record["sha256"]:
             raise ValueError(f"{where}: {fs.unstrip_protocol(path)} does not match its recorded checksum "
                              "(corrupt or modified); delete the unit record and rerun `kdpipe generate`")
-        lab = pq.read_table(io.BytesIO(payload))
-        unit_keys = np.asarray(lab.column(labels.KEY).to_pylist(), dtype=str)
+        try:
+            rows = labels.decode_unit(payload, unit["mode"], unit["format"])
+        except Exception as e:  # pyarrow and tarfile raise several types for damaged files
+            raise ValueError(f"{where}: {fs.unstrip_protocol(path)} cannot be read ({e})") from e
+        unit_keys = np.asarray(rows["keys"], dtype=str)
         if len(unit_keys) != len(keys) or not np.array_equal(unit_keys, keys[order]):
             diff = sorted(set(unit_keys.tolist()) ^ set(keys.tolist()))[:3]
             raise ValueError(f"{where}: sample keys differ from input shard {uri} "
                              f"({len(unit_keys)} vs {len(keys)} rows; e.g. {diff}); regenerate the labels")
-        teacher_logits.append(labels.table_logits(lab))
-    if teacher_logits:
-        out["teacher_logits"] = np.stack(teacher_logits, axis=1)  # [N, K, C]
+        teacher_rows.append((unit, rows))
+    if teacher_rows and data.get("topk_k"):
+        bins = [labels.student_targets(rows, unit["mode"], data["topk_k"], unit["temperature"],
+                                       data["temperature"], data["num_classes"]) for unit, rows in teacher_rows]
+        out["topk_ids"], out["topk_probs"], out["topk_tail"] = (np.stack(a, axis=1) for a in zip(*bins, strict=True))
+    elif teacher_rows:
+        out["teacher_logits"] = np.stack([rows[labels.LOGITS] for _, rows in teacher_rows], axis=1)  # [N, K, C]
     return out

@@ -95,9 +95,7 @@ def generate(cfg: Config, progress: bool = True) -> GenerateReport:
     shards = datasets.list_shards(cfg.data.train, cfg.data.storage_options)
     pre = datasets.preprocessing_spec(cfg.data.image_shape, cfg.data.scale)
     fingerprint = datasets.fingerprint(shards, pre)
-    class_names = cfg.data.class_names or [str(i) for i in range(cfg.data.num_classes)]
-    settings = cache.label_settings(cfg.labels.temperature, cfg.labels.mode, cfg.labels.dtype,
-                                    cfg.labels.format, cfg.data.num_classes, class_names)
+    settings = cache.settings_from_config(cfg)
     label_hash = cache.settings_hash(settings)
     fs, root = storage.filesystem(cfg.cache.root, cfg.cache.storage_options)
     dirs = {i.name: cache.unit_dir(root, i.name, i.digest, fingerprint, label_hash) for i in infos}
@@ -217,7 +215,9 @@ def _commit_unit(cfg: Config, fs, directory: str, teacher: str, shard: datasets.
         raise RuntimeError(f"{where}: some rows were not labelled")
     logits = rows[logits_column(teacher)]
     labels.check_finite(logits, keys, where)
-    table = labels.labels_table(keys, logits, cfg.labels.dtype)
-    quality = labels.quality(logits, cfg.labels.temperature, rows.get("label"))
+    lab = cfg.labels
+    data = labels.encode_unit(keys, logits, lab.mode, lab.k, lab.temperature, lab.dtype, lab.format,
+                              lab.row_group_size)
+    quality = labels.quality(logits, lab.temperature, rows.get("label"), lab.k if lab.mode == "topk" else None)
     return cache.write_unit(fs, directory, {"shard_id": shard.shard_id, "uri": shard.uri, "token": shard.token},
-                            table, cfg.labels.row_group_size, quality)
+                            data, lab.format, keys, quality)

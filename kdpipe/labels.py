@@ -83,12 +83,16 @@ def parquet_bytes(table: pa.Table, row_group_size: int) -> bytes:
     return buf.getvalue()
 
 
-def quality(logits: np.ndarray, temperature: float, labels: np.ndarray | None) -> dict[str, Any]:
-    """Per-unit label-quality sums (add them up across units; divide by rows for means)."""
+def quality(logits: np.ndarray, temperature: float, labels: np.ndarray | None,
+            k: int | None = None) -> dict[str, Any]:
+    """Per-unit label-quality sums (add them up across units; divide by rows for means), from
+    the teacher's full logits [B, C]; with `k`, also the mass the top-k classes cover at T."""
     p = softmax(logits, temperature)
     entropy = -(p * np.log(np.clip(p, 1e-30, None))).sum(-1)
     q: dict[str, Any] = {"rows": int(len(p)), "entropy_sum": float(entropy.sum()),
                          "max_prob_sum": float(p.max(-1).sum())}
+    if k is not None:
+        q["topk_mass_sum"] = float(np.sort(p, axis=-1)[:, -k:].sum())
     if labels is not None:
         q["correct"] = int((np.asarray(logits).argmax(-1) == np.asarray(labels)).sum())
         q["labelled_rows"] = int(len(labels))
@@ -101,6 +105,8 @@ def summarize_quality(parts: list[dict[str, Any]]) -> dict[str, Any]:
     if rows:
         out["mean_entropy"] = sum(p["entropy_sum"] for p in parts) / rows
         out["mean_max_prob"] = sum(p["max_prob_sum"] for p in parts) / rows
+    if rows and all("topk_mass_sum" in p for p in parts):
+        out["mean_topk_mass"] = sum(p["topk_mass_sum"] for p in parts) / rows
     labelled = sum(p.get("labelled_rows", 0) for p in parts)
     if labelled:
         out["teacher_accuracy"] = sum(p.get("correct", 0) for p in parts) / labelled
@@ -235,35 +241,6 @@ def retemper_topk(values: np.ndarray, log_z: np.ndarray, temperature: float,
     log_topk = top + np.log(np.exp(scaled - top[:, None]).sum(axis=1))
     log_norm = np.logaddexp(log_topk, log_tail_new)
     return np.exp(scaled - log_norm[:, None]), np.exp(log_tail_new - log_norm)
-
-
-def topk_quality(values: np.ndarray, ids: np.ndarray, log_z: np.ndarray, temperature: float,
-                 labels: np.ndarray | None) -> dict[str, Any]:
-    """`quality()` sums for top-k labels, plus topk_mass_sum (mass covered by the k classes).
-
-    values, ids [B, k]; log_z [B]; labels [B] or None. Entropy is over the k + 1 bins the top-k
-    loss uses (the tail as one bin): a lower bound on the teacher's full entropy. Teacher accuracy
-    uses the top-1 id. Summarise with `summarize_topk_quality`.
-    """
-    p = topk_probs(values, log_z, temperature)
-    covered = np.clip(p.sum(axis=1), 0.0, 1.0)
-    bins = np.concatenate([p, (1.0 - covered)[:, None]], axis=1)
-    entropy = -(bins * np.log(np.clip(bins, 1e-30, None))).sum(-1)
-    q: dict[str, Any] = {"rows": int(len(p)), "entropy_sum": float(entropy.sum()),
-                         "max_prob_sum": float(p[:, 0].sum()) if p.size else 0.0,
-                         "topk_mass_sum": float(covered.sum())}
-    if labels is not None:
-        q["correct"] = int((np.asarray(ids)[:, 0] == np.asarray(labels)).sum())
-        q["labelled_rows"] = int(len(labels))
-    return q
-
-
-def summarize_topk_quality(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """`summarize_quality` plus mean_topk_mass, the mean mass covered by the stored k classes."""
-    out = summarize_quality(parts)
-    if out["rows"]:
-        out["mean_topk_mass"] = sum(p.get("topk_mass_sum", 0.0) for p in parts) / out["rows"]
-    return out
 
 
 # --- WebDataset units ------------------------------------------------------------------------
@@ -401,3 +378,64 @@ def read_webdataset_unit(data: bytes) -> dict[str, Any]:
     else:
         out.update({name: np.ascontiguousarray(rows[name]) for name in (TOPK_VALUES, TOPK_IDS, LOG_Z)})
     return out
+
+
+# --- A unit as bytes, in either format and mode ---------------------------------------------------
+
+EXTENSIONS = {"parquet": "parquet", "webdataset": "tar"}
+
+
+def encode_unit(keys: list[str], logits: np.ndarray, mode: str, k: int, temperature: float, dtype: str,
+                fmt: str, row_group_size: int) -> bytes:
+    """A unit's file: full logits or the top-k record of logits [B, C], as Parquet or a tar."""
+    if fmt == "parquet":
+        table = labels_table(keys, logits, dtype) if mode == "full" else topk_table(keys, logits, k, temperature, dtype)
+        return parquet_bytes(table, row_group_size)
+    arrays = ({LOGITS: np.asarray(logits).astype(dtype)} if mode == "full"
+              else topk_arrays(logits, k, temperature, dtype))
+    return webdataset_bytes(keys, arrays, mode)
+
+
+def decode_unit(data: bytes, mode: str, fmt: str) -> dict[str, Any]:
+    """Rows of a unit, sorted by key: {"keys"} plus "logits" float32 [B, C] (full) or
+    "topk_values" float32 [B, k], "topk_ids" int64 [B, k], "log_z" float32 [B] (topk)."""
+    if fmt == "parquet":
+        table = pq.read_table(io.BytesIO(data))
+        out: dict[str, Any] = {"keys": table.column(KEY).to_pylist()}
+        if mode == "full":
+            out[LOGITS] = table_logits(table)
+        else:
+            out[TOPK_VALUES], out[TOPK_IDS], out[LOG_Z] = table_topk(table)
+        return out
+    rows = read_webdataset_unit(data)
+    if rows["keys"] and rows["mode"] != mode:
+        raise ValueError(f"unit holds {rows['mode']} labels, its manifest says {mode}")
+    out = {"keys": rows["keys"]}
+    if mode == "full":
+        out[LOGITS] = np.asarray(rows.get(LOGITS, np.zeros((0, 0))), dtype=np.float32)
+    else:
+        out[TOPK_VALUES] = np.asarray(rows.get(TOPK_VALUES, np.zeros((0, 0))), dtype=np.float32)
+        out[TOPK_IDS] = np.asarray(rows.get(TOPK_IDS, np.zeros((0, 0))), dtype=np.int64)
+        out[LOG_Z] = np.asarray(rows.get(LOG_Z, np.zeros(0)), dtype=np.float32)
+    return out
+
+
+def student_targets(rows: dict[str, Any], mode: str, k: int, gen_temperature: float, temperature: float,
+                    num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids int64 [B, k], probs float32 [B, k], tail float32 [B]) at the student's temperature.
+
+    Full rows give exact top-k bins at any temperature; top-k rows are exact at the generation
+    temperature and use `retemper_topk`'s completion at any other."""
+    if mode == "full":
+        p = softmax(rows[LOGITS], temperature)
+        ids = np.argsort(-p, axis=1, kind="stable")[:, :k]
+        probs = np.take_along_axis(p, ids, axis=1)
+        return ids, probs.astype(np.float32), np.clip(1 - probs.sum(1), 0, 1).astype(np.float32)
+    values, ids = rows[TOPK_VALUES][:, :k], rows[TOPK_IDS][:, :k]
+    if temperature == gen_temperature:
+        probs = topk_probs(values, rows[LOG_Z], temperature)
+        tail = np.clip(1 - probs.sum(1), 0, 1)
+    else:
+        probs, tail = retemper_topk(values, rows[LOG_Z], gen_temperature, temperature, num_classes)
+    return ids, probs.astype(np.float32), tail.astype(np.float32)
+

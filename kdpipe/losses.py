@@ -43,17 +43,27 @@ def kd_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature:
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                       labels: torch.Tensor | None, temperature: float, alpha: float,
-                      weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """alpha * T^2 * KL(ensemble || student) + (1 - alpha) * CE.
+                      weights: torch.Tensor | None = None,
+                      teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
+    """alpha * T^2 * KL(teachers || student) + (1 - alpha) * CE.
 
-    student_logits [B, C]; teacher_logits [B, K, C] or None (plain supervised training);
-    labels [B] or None (label-free distillation: the KL term alone).
+    student_logits [B, C]; teacher_logits [B, K, C] (the KL is to the weighted average of the
+    teachers' distributions), or teacher_topk = (ids [B, K, k], probs [B, K, k], tail [B, K])
+    from top-k labels (the weighted sum of per-teacher KLs over k + 1 bins, see topk_kd_kl),
+    or neither (plain supervised training); labels [B] or None (label-free distillation).
     Returns (loss, {"kd": ..., "ce": ..., "loss": ...}) with the parts as floats for logging.
     """
+    if teacher_topk is not None:
+        if teacher_logits is not None:
+            raise ValueError("give teacher_logits or teacher_topk, not both")
+        teacher_logits = teacher_topk[1]  # only its presence matters below
     if teacher_logits is None and labels is None:
         raise ValueError("distillation_loss needs teacher logits, labels, or both")
     parts: dict[str, torch.Tensor] = {}
-    if teacher_logits is not None and alpha > 0:
+    if teacher_topk is not None and alpha > 0:
+        parts["kd"] = topk_kd_kl(student_logits, *teacher_topk, temperature, weights)
+    elif teacher_logits is not None and alpha > 0:
         parts["kd"] = kd_kl(student_logits, teacher_distribution(teacher_logits, temperature, weights), temperature)
     if labels is not None and (alpha < 1 or teacher_logits is None):
         parts["ce"] = F.cross_entropy(student_logits.float(), labels)

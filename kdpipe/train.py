@@ -39,8 +39,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                temperature: float, alpha: float, weights: torch.Tensor | None) -> dict[str, float]:
     model.train()
     out = model(batch["x"])
+    topk = (batch["topk_ids"], batch["topk_probs"], batch["topk_tail"]) if "topk_ids" in batch else None
     loss, parts = losses.distillation_loss(out, batch.get("teacher_logits"), batch.get("label"),
-                                           temperature, alpha, weights)
+                                           temperature, alpha, weights, teacher_topk=topk)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -119,9 +120,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 def _teacher_units(cfg: Config, fingerprint: str, specs: list[str]) -> list[dict[str, Any]]:
     """Resolve each teacher spec to its committed manifest and unit records (driver side)."""
-    class_names = cfg.data.class_names or [str(i) for i in range(cfg.data.num_classes)]
-    settings = cache.label_settings(cfg.labels.temperature, cfg.labels.mode, cfg.labels.dtype,
-                                    cfg.labels.format, cfg.data.num_classes, class_names)
+    settings = cache.settings_from_config(cfg)
     fs, root = storage.filesystem(cfg.cache.root, cfg.cache.storage_options)
     units = []
     for spec in specs:
@@ -129,10 +128,21 @@ def _teacher_units(cfg: Config, fingerprint: str, specs: list[str]) -> list[dict
         if manifest["labels"]["num_classes"] != cfg.data.num_classes:
             raise ValueError(f"teacher {spec!r} labels have {manifest['labels']['num_classes']} classes, "
                              f"the dataset has {cfg.data.num_classes}: set data.num_classes")
+        lab = manifest["labels"]
         units.append({"teacher": spec, "directory": fs.unstrip_protocol(directory),
-                      "storage_options": cfg.cache.storage_options,
+                      "storage_options": cfg.cache.storage_options, "mode": lab["mode"], "format": lab["format"],
+                      "k": lab.get("k"), "temperature": lab["temperature"],
                       "records": {u["shard_id"]: u for u in manifest["units"]}})
     return units
+
+
+def _common_k(units: list[dict[str, Any]]) -> int | None:
+    """None when every teacher stored full logits, else the one k all top-k teachers share."""
+    ks = {u["k"] for u in units if u["mode"] == "topk"}
+    if len(ks) > 1:
+        raise ValueError(f"teachers {[u['teacher'] for u in units]} have top-k labels with different k {sorted(ks)}: "
+                         "generate them with the same labels.k")
+    return ks.pop() if ks else None
 
 
 def train_student(cfg: Config, distill: bool = True, run_name: str | None = None) -> TrainReport:
@@ -159,7 +169,8 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
     runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     data = {"key_column": cfg.data.key_column, "image_column": cfg.data.image_column,
             "label_column": cfg.data.label_column, "image_shape": list(cfg.data.image_shape),
-            "scale": cfg.data.scale, "storage_options": cfg.data.storage_options}
+            "scale": cfg.data.scale, "storage_options": cfg.data.storage_options,
+            "temperature": tr.temperature, "num_classes": cfg.data.num_classes, "topk_k": _common_k(units)}
 
     def dataset(shard_list, unit_list):
         items = [{"uri": s.uri, "shard_id": s.shard_id} for s in shard_list]

@@ -150,3 +150,51 @@ def test_new_input_shard_labels_only_that_shard(ray_cluster, digits_cfg, tmp_pat
     # gc keeps the old dataset version's directory: the latest one borrows its units.
     entries = cache.list_caches(fs, fs._strip_protocol(cfg.cache.root))
     assert len(entries) == 4 and cache.garbage(entries, 0) == []
+
+
+def test_changed_checkpoint_regenerates_only_that_teacher_and_pins_still_train(ray_cluster, digits_cfg, tmp_path):
+    from kdpipe import train
+    from kdpipe.demo import fit_classifier
+    from kdpipe.teachers import save_checkpoint
+
+    cfg = copy.deepcopy(digits_cfg)
+    cfg.cache.root = str(tmp_path / "cache")
+    first = generate.generate(cfg, progress=False)
+    old_cnn = first.teachers["cnn"].digest
+
+    d = cfg.data
+    _, x, y = datasets.load_split(d.train, {}, d.key_column, d.image_column, d.label_column, d.image_shape, d.scale)
+    cfg.teachers[1].checkpoint = str(tmp_path / "cnn-v2.pt")
+    save_checkpoint(fit_classifier("cnn", x, y, 10, 2, seed=99), cfg.teachers[1].checkpoint, {}, "cnn", 10, {})
+    second = generate.generate(cfg, progress=False)
+    assert second.teachers["cnn"].digest != old_cnn
+    assert second.teachers["cnn"].units_written == len(datasets.list_shards(d.train))
+    assert second.teachers["mlp"].units_written == 0 and second.teachers["wide_cnn"].units_written == 0
+    assert second.teacher_forward_passes == 899
+    fs, root = storage.filesystem(cfg.cache.root)
+    assert cache.read_ref(fs, root, "cnn")["digest"] == second.teachers["cnn"].digest
+
+    cfg.train.teachers = [f"cnn@{old_cnn}"]  # pinned: the old labels, still committed
+    cfg.train.epochs = 1
+    rep = train.train_student(cfg, distill=True)
+    assert rep.teachers == [f"cnn@{old_cnn}"] and rep.history[-1]["kd"] > 0
+
+
+def test_nan_teacher_output_is_never_committed(ray_cluster, digits_cfg, tmp_path):
+    from kdpipe.models import build_model
+    from kdpipe.teachers import save_checkpoint
+
+    cfg = copy.deepcopy(digits_cfg)
+    cfg.cache.root = str(tmp_path / "cache")
+    model = build_model("mlp", 10, (1, 8, 8))
+    with torch.no_grad():
+        model[-1].bias.fill_(float("nan"))
+    cfg.teachers = [copy.deepcopy(cfg.teachers[0])]
+    cfg.teachers[0].checkpoint = str(tmp_path / "nan.pt")
+    save_checkpoint(model, cfg.teachers[0].checkpoint, {}, "mlp", 10, {})
+    with pytest.raises(ValueError, match=r"teacher 'mlp', input shard .*: teacher output for sample 'digits-\d+' is not finite"):
+        generate.generate(cfg, progress=False)
+    fs, root = storage.filesystem(cfg.cache.root)
+    assert not fs.glob(f"{root}/teachers/mlp/*/*/_units/*.json")  # nothing committed
+    assert not fs.glob(f"{root}/teachers/mlp/*/*/_manifest.json")
+    assert cache.read_ref(fs, root, "mlp") is None

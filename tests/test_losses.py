@@ -84,3 +84,16 @@ def test_gradient_flows_to_student_only():
     loss, _ = distillation_loss(s, t.detach(), torch.tensor([0, 1, 2, 3]), 4.0, 0.7)
     loss.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_topk_path_with_full_support_equals_full_kl_for_one_teacher():
+    g = torch.Generator().manual_seed(5)
+    s, t, y = torch.randn(6, 5, generator=g), torch.randn(6, 1, 5, generator=g), torch.randint(0, 5, (6,), generator=g)
+    T = 3.0
+    p = F.softmax(t / T, -1)
+    ids = torch.argsort(p, dim=-1, descending=True)
+    bins = (ids, torch.gather(p, 2, ids), torch.zeros(6, 1))
+    full, _ = distillation_loss(s, t, y, T, 0.7)
+    topk, parts = distillation_loss(s, None, y, T, 0.7, teacher_topk=bins)
+    assert topk.item() == pytest.approx(full.item(), rel=1e-5)
+    assert set(parts) == {"kd", "ce", "loss"}

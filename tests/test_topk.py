@@ -66,23 +66,36 @@ def test_topk_bytes_are_deterministic():
     assert a == labels.parquet_bytes(labels.topk_table(keys, z, 3, 2.0, "float16"), 8)
 
 
-def test_topk_quality():
+def test_quality_reports_topk_mass():
     z = np.array([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [5.0, 0.0, 0.0]], dtype=np.float32)
-    a = labels.topk_arrays(z, 1, 1.0, "float32")
-    q = labels.topk_quality(a[labels.TOPK_VALUES], a[labels.TOPK_IDS], a[labels.LOG_Z], 1.0,
-                            np.array([0, 1, 1]))
-    full = labels.quality(z, 1.0, np.array([0, 1, 1]))
-    assert q["correct"] == full["correct"] == 2 and q["rows"] == 3
-    assert q["max_prob_sum"] == pytest.approx(full["max_prob_sum"])
-    assert q["topk_mass_sum"] == pytest.approx(full["max_prob_sum"])
-    assert 0 < q["entropy_sum"] <= full["entropy_sum"]  # the tail as one bin: a lower bound
-    s = labels.summarize_topk_quality([q, q])
+    q = labels.quality(z, 1.0, np.array([0, 1, 1]), k=1)
+    assert q["correct"] == 2 and q["topk_mass_sum"] == pytest.approx(q["max_prob_sum"])
+    s = labels.summarize_quality([q, q])
     assert s["teacher_accuracy"] == pytest.approx(2 / 3)
-    assert s["mean_topk_mass"] == pytest.approx(full["max_prob_sum"] / 3)
-    # With k = C the entropy is exact.
-    a = labels.topk_arrays(z, 3, 1.0, "float32")
-    q = labels.topk_quality(a[labels.TOPK_VALUES], a[labels.TOPK_IDS], a[labels.LOG_Z], 1.0, None)
-    assert q["entropy_sum"] == pytest.approx(full["entropy_sum"], rel=1e-5)
+    assert s["mean_topk_mass"] == pytest.approx(q["max_prob_sum"] / 3)
+    assert "mean_topk_mass" not in labels.summarize_quality([labels.quality(z, 1.0, None)])
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+@pytest.mark.parametrize("mode", ["full", "topk"])
+def test_encode_decode_unit_roundtrip(mode, fmt):
+    z = logits(25, 10, seed=7)
+    keys = [f"k/{i}.x" for i in range(25)][::-1]
+    data = labels.encode_unit(keys, z, mode, 4, 2.0, "float32", fmt, 8)
+    rows = labels.decode_unit(data, mode, fmt)
+    order = np.argsort(np.asarray(keys))
+    assert rows["keys"] == sorted(keys)
+    if mode == "full":
+        assert np.allclose(rows[labels.LOGITS], z[order])
+    else:
+        assert rows[labels.TOPK_IDS].shape == (25, 4)
+        p = labels.topk_probs(rows[labels.TOPK_VALUES], rows[labels.LOG_Z], 2.0)
+        full = labels.softmax(z[order], 2.0)
+        assert np.allclose(p, np.take_along_axis(full, rows[labels.TOPK_IDS], 1), atol=1e-6)
+    ids, probs, tail = labels.student_targets(rows, mode, 3, 2.0, 2.0, 10)
+    full = labels.softmax(z[order], 2.0)
+    assert np.allclose(probs, np.take_along_axis(full, ids, 1), atol=1e-6)
+    assert np.allclose(probs.sum(1) + tail, 1.0, atol=1e-6)
 
 
 # --- another temperature ------------------------------------------------------------------------
