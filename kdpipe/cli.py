@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, config_required=True)
     p.add_argument("--no-distill", action="store_true", help="train on labels alone (the baseline)")
 
+    bench = sub.add_parser("bench", help="benchmarks, figures measured side by side in one run",
+                           description="Benchmarks. storage: bytes per sample per teacher for each label "
+                                       "mode and format, and what top-k loses (KL to the full distribution).")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    p = bench_sub.add_parser("storage", help="bytes per sample per teacher for full and top-k labels")
+    p.add_argument("--rows", type=int, default=10_000, help="synthetic samples per configuration")
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     cache = sub.add_parser("cache", help="inspect, verify and clean the soft-label cache",
                            description="List, show, verify and garbage-collect committed soft labels. The cache "
                                        "is cache.root of the config (default: the demo's).")
@@ -93,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="kdpipe: %(message)s")
     logging.getLogger("kdpipe").setLevel(logging.INFO)
     try:
+        if args.command == "bench":
+            from kdpipe.bench import format_storage, storage_figures
+
+            figures = storage_figures(args.rows, args.temperature)
+            _emit(args, {"storage": figures, "rows": args.rows, "temperature": args.temperature},
+                  format_storage(figures, args.rows, args.temperature))
+            return 0
         cfg = _config(args)
         return _run(args, cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:
