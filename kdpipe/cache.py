@@ -36,9 +36,11 @@ def label_settings(temperature: float, mode: str, dtype: str, fmt: str, num_clas
     return settings
 
 
-def settings_from_config(cfg) -> dict[str, Any]:
-    """label_settings() for a kdpipe Config (class names default to "0".."C-1")."""
-    lab, data = cfg.labels, cfg.data
+def settings_from_config(cfg, teacher: str) -> dict[str, Any]:
+    """label_settings() of `teacher` in a kdpipe Config (class names default to "0".."C-1")."""
+    from kdpipe.config import labels_for
+
+    lab, data = labels_for(cfg, teacher), cfg.data
     names = data.class_names or [str(i) for i in range(data.num_classes)]
     return label_settings(lab.temperature, lab.mode, lab.dtype, lab.format, data.num_classes, names, lab.k)
 

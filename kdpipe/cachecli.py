@@ -53,7 +53,8 @@ def run_cache_command(args, cfg: Config, emit: Callable[[Any, dict[str, Any], st
                  f"{'created':<17}latest"]
         for e in entries:
             lab = e.get("labels") or {}
-            desc = f"{lab.get('mode', '?')} T={lab.get('temperature', '?')} {lab.get('dtype', '')}"
+            mode = f"top-{lab['k']}" if lab.get("mode") == "topk" else lab.get("mode", "?")
+            desc = f"{mode} T={lab.get('temperature', '?')} {lab.get('dtype', '')}"
             state = "yes" if e["latest"] else ("" if e["complete"] else "(incomplete)")
             lines.append(f"{e['teacher']:<12}{e['digest']:<18}{e['fingerprint']:<18}{desc:<22}"
                          f"{e.get('rows', 0):>7}{_size(e.get('bytes', 0)):>11}  {_when(e.get('created_at')):<17}{state}")
@@ -81,6 +82,8 @@ def run_cache_command(args, cfg: Config, emit: Callable[[Any, dict[str, Any], st
                      f"  accuracy       {q.get('teacher_accuracy', float('nan')):.4f}  (on the labelled rows)",
                      f"  mean entropy   {q.get('mean_entropy', float('nan')):.4f} nats at T",
                      f"  mean max prob  {q.get('mean_max_prob', float('nan')):.4f} at T",
+                     *([f"  top-{lab['k']} mass     {q['mean_topk_mass']:.4f} (mean probability the stored classes cover)"]
+                       if "mean_topk_mass" in q else []),
                      f"  checkpoint     {o['teacher_info']['checkpoint']}", ""]
         emit(args, {"caches": out}, "\n".join(text).rstrip())
         return 0

@@ -56,6 +56,7 @@ class TeacherConfig:
     num_cpus: float | None = None  # per actor; None = sized from the cluster
     num_gpus: float = 0.0
     pool_size: int | None = None  # actors in this teacher's pool; None = sized from the cluster
+    labels: dict[str, Any] = field(default_factory=dict)  # overrides of the `labels` section for this teacher
     # `kdpipe demo` trains the teacher when its checkpoint is missing:
     train_epochs: int = 20
     train_seed: int = 0
@@ -127,17 +128,8 @@ def validate(cfg: Config) -> None:
     def bad(key: str, value: Any, hint: str) -> ConfigError:
         return ConfigError(f"config key {key}={value!r}: {hint}")
 
-    lab, tr, data = cfg.labels, cfg.train, cfg.data
-    if lab.temperature <= 0:
-        raise bad("labels.temperature", lab.temperature, "must be > 0")
-    if lab.mode not in ("full", "topk"):
-        raise bad("labels.mode", lab.mode, "use full or topk")
-    if lab.mode == "topk" and not 1 <= lab.k <= data.num_classes:
-        raise bad("labels.k", lab.k, f"must be in [1, data.num_classes={data.num_classes}]")
-    if lab.dtype not in ("float16", "float32"):
-        raise bad("labels.dtype", lab.dtype, "use float16 or float32")
-    if lab.format not in ("parquet", "webdataset"):
-        raise bad("labels.format", lab.format, "use parquet or webdataset")
+    tr, data = cfg.train, cfg.data
+    _validate_labels(cfg.labels, data.num_classes, "labels", bad)
     if not 0.0 <= tr.alpha <= 1.0:
         raise bad("train.alpha", tr.alpha, "must be in [0, 1]")
     if tr.temperature <= 0:
@@ -162,6 +154,11 @@ def validate(cfg: Config) -> None:
             raise bad(f"teachers[{i}].arch", t.arch, f"teacher {t.name!r} needs an architecture")
         if t.batch_size < 1:
             raise bad(f"teachers[{i}].batch_size", t.batch_size, "must be >= 1")
+        unknown = sorted(set(t.labels) - {f.name for f in dataclasses.fields(LabelConfig)})
+        if unknown:
+            raise ConfigError(f"unknown config key 'teachers[{i}].labels.{unknown[0]}': known keys here are "
+                              f"{', '.join(f.name for f in dataclasses.fields(LabelConfig))}")
+        _validate_labels(labels_for(cfg, t.name), data.num_classes, f"teachers[{i}].labels", bad)
     if len(set(names)) != len(names):
         raise bad("teachers", names, "teacher names must be unique")
     if tr.teacher_weights and len(tr.teacher_weights) != len(tr.teachers or names):
@@ -169,6 +166,30 @@ def validate(cfg: Config) -> None:
                   f"give one weight per teacher ({len(tr.teachers or names)})")
     if any(w < 0 for w in tr.teacher_weights) or (tr.teacher_weights and sum(tr.teacher_weights) <= 0):
         raise bad("train.teacher_weights", tr.teacher_weights, "weights must be >= 0 with a positive sum")
+
+
+def _validate_labels(lab: LabelConfig, num_classes: int, prefix: str, bad) -> None:
+    if not isinstance(lab.temperature, (int, float)) or lab.temperature <= 0:
+        raise bad(f"{prefix}.temperature", lab.temperature, "must be > 0")
+    if lab.mode not in ("full", "topk"):
+        raise bad(f"{prefix}.mode", lab.mode, "use full or topk")
+    if lab.mode == "topk" and not (isinstance(lab.k, int) and 1 <= lab.k <= num_classes):
+        raise bad(f"{prefix}.k", lab.k, f"must be in [1, data.num_classes={num_classes}]")
+    if lab.dtype not in ("float16", "float32"):
+        raise bad(f"{prefix}.dtype", lab.dtype, "use float16 or float32")
+    if lab.format not in ("parquet", "webdataset"):
+        raise bad(f"{prefix}.format", lab.format, "use parquet or webdataset")
+
+
+def labels_for(cfg: Config, teacher: str) -> LabelConfig:
+    """The label settings of one teacher: the `labels` section with the teacher's overrides."""
+    for t in cfg.teachers:
+        if t.name == teacher and t.labels:
+            merged = {**dataclasses.asdict(cfg.labels), **t.labels}
+            if "temperature" in t.labels and isinstance(merged["temperature"], int):
+                merged["temperature"] = float(merged["temperature"])
+            return LabelConfig(**merged)
+    return cfg.labels
 
 
 def _build(cls: type, raw: Any, path: str) -> Any:

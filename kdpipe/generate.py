@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kdpipe import cache, datasets, labels, runtime, storage
-from kdpipe.config import Config
+from kdpipe.config import Config, labels_for
 from kdpipe.teachers import (
     TeacherInfo,
     TeacherPredictor,
@@ -95,10 +95,10 @@ def generate(cfg: Config, progress: bool = True) -> GenerateReport:
     shards = datasets.list_shards(cfg.data.train, cfg.data.storage_options)
     pre = datasets.preprocessing_spec(cfg.data.image_shape, cfg.data.scale)
     fingerprint = datasets.fingerprint(shards, pre)
-    settings = cache.settings_from_config(cfg)
-    label_hash = cache.settings_hash(settings)
+    settings = {i.name: cache.settings_from_config(cfg, i.name) for i in infos}
+    label_hash = {name: cache.settings_hash(s) for name, s in settings.items()}
     fs, root = storage.filesystem(cfg.cache.root, cfg.cache.storage_options)
-    dirs = {i.name: cache.unit_dir(root, i.name, i.digest, fingerprint, label_hash) for i in infos}
+    dirs = {i.name: cache.unit_dir(root, i.name, i.digest, fingerprint, label_hash[i.name]) for i in infos}
     done = _shard_plan(fs, shards, dirs)
     results = {i.name: TeacherResult(i.name, i.digest, fs.unstrip_protocol(dirs[i.name]), len(shards),
                                      metrics=i.metrics) for i in infos}
@@ -134,11 +134,11 @@ def generate(cfg: Config, progress: bool = True) -> GenerateReport:
             teacher_meta = {"name": name, "arch": info.arch, "digest": info.digest,
                             "checkpoint": info.checkpoint, "checkpoint_sha256": info.checkpoint_sha256,
                             "metrics": info.metrics}
-            manifest = cache.build_manifest(teacher_meta, fingerprint, cfg.data.train, settings, units)
+            manifest = cache.build_manifest(teacher_meta, fingerprint, cfg.data.train, settings[name], units)
             storage.write_json(fs, storage.join(directory, cache.MANIFEST), manifest)
         results[name].quality = manifest["quality"]
         cache.write_ref(fs, root, name, {"teacher": name, "digest": teacher_by_name[name].digest,
-                                         "fingerprint": fingerprint, "label_hash": label_hash,
+                                         "fingerprint": fingerprint, "label_hash": label_hash[name],
                                          "manifest": storage.join(fs.unstrip_protocol(directory), cache.MANIFEST),
                                          "updated_at": time.time()})
     return GenerateReport(fingerprint, cfg.cache.root, results, round(time.time() - started, 2))
@@ -215,7 +215,7 @@ def _commit_unit(cfg: Config, fs, directory: str, teacher: str, shard: datasets.
         raise RuntimeError(f"{where}: some rows were not labelled")
     logits = rows[logits_column(teacher)]
     labels.check_finite(logits, keys, where)
-    lab = cfg.labels
+    lab = labels_for(cfg, teacher)
     data = labels.encode_unit(keys, logits, lab.mode, lab.k, lab.temperature, lab.dtype, lab.format,
                               lab.row_group_size)
     quality = labels.quality(logits, lab.temperature, rows.get("label"), lab.k if lab.mode == "topk" else None)

@@ -120,10 +120,10 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 def _teacher_units(cfg: Config, fingerprint: str, specs: list[str]) -> list[dict[str, Any]]:
     """Resolve each teacher spec to its committed manifest and unit records (driver side)."""
-    settings = cache.settings_from_config(cfg)
     fs, root = storage.filesystem(cfg.cache.root, cfg.cache.storage_options)
     units = []
     for spec in specs:
+        settings = cache.settings_from_config(cfg, spec.partition("@")[0])
         directory, manifest = cache.resolve_manifest(fs, root, spec, fingerprint, cache.settings_hash(settings))
         if manifest["labels"]["num_classes"] != cfg.data.num_classes:
             raise ValueError(f"teacher {spec!r} labels have {manifest['labels']['num_classes']} classes, "

@@ -62,3 +62,15 @@ def test_example_configs_load():
     for f in files:
         cfg = load_config(str(f))
         assert cfg.teachers
+
+
+def test_per_teacher_label_overrides():
+    from kdpipe.config import labels_for
+
+    cfg = load_config(None, ["teachers.1.labels.temperature=2", "teachers.1.labels.mode=topk", "teachers.1.labels.k=3"])
+    assert labels_for(cfg, "cnn").temperature == 2.0 and labels_for(cfg, "cnn").k == 3
+    assert labels_for(cfg, "mlp") == cfg.labels
+    with pytest.raises(ConfigError, match=r"teachers\[1\]\.labels\.tempo"):
+        load_config(None, ["teachers.1.labels.tempo=2"])
+    with pytest.raises(ConfigError, match=r"teachers\[1\]\.labels\.k=99"):
+        load_config(None, ["teachers.1.labels.mode=topk", "teachers.1.labels.k=99"])

@@ -198,3 +198,23 @@ def test_nan_teacher_output_is_never_committed(ray_cluster, digits_cfg, tmp_path
     assert not fs.glob(f"{root}/teachers/mlp/*/*/_units/*.json")  # nothing committed
     assert not fs.glob(f"{root}/teachers/mlp/*/*/_manifest.json")
     assert cache.read_ref(fs, root, "mlp") is None
+
+
+def test_one_teachers_label_settings_change_regenerates_only_it(ray_cluster, digits_cfg, tmp_path):
+    from kdpipe import train
+
+    cfg = copy.deepcopy(digits_cfg)
+    cfg.cache.root = str(tmp_path / "cache")
+    cfg.teachers = cfg.teachers[:2]
+    generate.generate(cfg, progress=False)
+    cfg.teachers[1].labels = {"mode": "topk", "k": 4, "dtype": "float32"}
+    rep = generate.generate(cfg, progress=False)
+    assert rep.teachers["mlp"].units_written == 0
+    assert rep.teachers["cnn"].units_written == 4 and rep.teachers["cnn"].rows_labelled == 899
+    fs, _ = storage.filesystem(cfg.cache.root)
+    manifest = storage.read_json(fs, storage.join(rep.teachers["cnn"].directory, cache.MANIFEST))
+    assert (manifest["labels"]["mode"], manifest["labels"]["k"], manifest["labels"]["dtype"]) == ("topk", 4, "float32")
+    # A student mixing a full teacher and a top-k teacher trains on both.
+    cfg.train.epochs = 1
+    out = train.train_student(cfg, distill=True)
+    assert out.teachers == ["mlp", "cnn"] and out.history[-1]["kd"] > 0
