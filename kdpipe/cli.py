@@ -99,7 +99,7 @@ def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="kdpipe: %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="kdpipe: %(message)s")
     logging.getLogger("kdpipe").setLevel(logging.INFO)
     try:
         if args.command == "bench":
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = _config(args)
         return _run(args, cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, PermissionError, ValueError) as e:
         print(f"kdpipe {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -47,9 +47,12 @@ def make_shard_id(relpath: str, token: dict[str, Any]) -> str:
 def list_shards(uri: str, storage_options: dict[str, Any] | None = None) -> list[InputShard]:
     """The Parquet input shards under `uri`, sorted by path; errors name the URI when empty."""
     fs, root = storage.filesystem(uri, storage_options)
-    if not fs.exists(root):
-        raise FileNotFoundError(f"input dataset {uri!r} does not exist: check data.train / data.holdout")
-    paths = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    try:
+        if not fs.exists(root):
+            raise FileNotFoundError(f"input dataset {uri!r} does not exist: check data.train / data.holdout")
+        paths = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    except PermissionError as e:
+        raise storage.access_denied(uri, e) from None
     if not paths:
         raise ValueError(f"input dataset {uri!r} holds no .parquet shards")
     shards = []

@@ -23,6 +23,12 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple
     return fs, path
 
 
+def access_denied(uri: str, error: Exception) -> PermissionError:
+    """A PermissionError that names the URI and what to check (never the credentials)."""
+    return PermissionError(f"access to {uri!r} was denied ({error}): check the storage credentials "
+                           "(environment, profile or storage_options) and the endpoint")
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 

@@ -37,12 +37,15 @@ class TeacherInfo:
 
 def read_checkpoint_bytes(name: str, uri: str, storage_options: dict[str, Any] | None) -> bytes:
     fs, path = storage.filesystem(uri, storage_options)
-    if not fs.exists(path):
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"teacher {name!r}: checkpoint {uri!r} does not exist; "
             "set teachers[].checkpoint to a saved state_dict (or run `kdpipe demo` to train the built-in ones)"
-        )
-    return fs.cat_file(path)
+        ) from None
+    except PermissionError as e:
+        raise storage.access_denied(uri, e) from None
 
 
 def parse_checkpoint(name: str, uri: str, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
