@@ -163,7 +163,6 @@ def ensure_digits(train_uri: str, holdout_uri: str, storage_options: dict[str, A
     return True
 
 
-
 def load_split(uri: str, storage_options: dict[str, Any] | None, key_column: str, image_column: str,
                label_column: str | None, image_shape: list[int], scale: float) -> tuple[list[str], np.ndarray, np.ndarray | None]:
     """A whole (small) split in memory: keys, x [N, *image_shape] float32, labels [N] or None.

@@ -58,7 +58,7 @@ def check_finite(logits: np.ndarray, keys: list[str], where: str) -> None:
 
 def labels_table(keys: list[str], logits: np.ndarray, dtype: str) -> pa.Table:
     """Rows sorted by key. keys: B strings; logits: [B, C]."""
-    order = np.argsort(np.asarray(keys, dtype=object).astype(str), kind="stable")
+    order = _key_order(keys)
     z = np.ascontiguousarray(np.asarray(logits)[order]).astype(dtype)
     num_classes = z.shape[1]
     values = pa.array(z.reshape(-1), type=_ARROW_DTYPES[dtype])
