@@ -108,8 +108,9 @@ def read_unit(fs, directory: str, shard_id: str) -> dict[str, Any] | None:
 
 
 def write_unit(fs, directory: str, shard: dict[str, Any], data: bytes, fmt: str, keys: list[str],
-               quality: dict[str, Any]) -> dict[str, Any]:
-    """Commit one unit: the part file (`data`, encoded by labels.encode_unit), then its record."""
+               quality: dict[str, Any], skipped: list[dict[str, str]] = ()) -> dict[str, Any]:
+    """Commit one unit: the part file (`data`, encoded by labels.encode_unit), then its record.
+    `skipped`: the input samples dropped under on_bad_sample=skip, [{"key", "reason"}]."""
     name = part_name(shard["shard_id"], fmt)
     storage.write_bytes(fs, storage.join(directory, name), data)
     record = {
@@ -123,6 +124,7 @@ def write_unit(fs, directory: str, shard: dict[str, Any], data: bytes, fmt: str,
         "sha256": storage.sha256_bytes(data),
         "bytes": len(data),
         "quality": quality,
+        "skipped": list(skipped),
         "committed_at": time.time(),
     }
     storage.write_json(fs, unit_record_path(directory, shard["shard_id"]), record)
@@ -142,7 +144,10 @@ def build_manifest(teacher: dict[str, Any], fingerprint: str, dataset_uri: str,
         "units": [{k: u[k] for k in ("shard_id", "dir", "part", "rows", "keys_sha256", "sha256", "bytes")}
                   for u in units],
         "rows": sum(u["rows"] for u in units),
-        "quality": labels.summarize_quality([u["quality"] for u in units]),
+        # Samples dropped under data.on_bad_sample=skip, with the reason: never silent.
+        "skipped": [{"shard_id": u["shard_id"], "input_uri": u.get("input_uri"), **s}
+                    for u in units for s in u.get("skipped", [])],
+        "quality": labels.summarize_quality([u["quality"] for u in units if u["rows"]]),
         "created_at": time.time(),
     }
 

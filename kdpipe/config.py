@@ -29,19 +29,35 @@ class RayConfig:
     num_cpus: float | None = None  # local Ray only; None lets Ray count the machine's cores
 
 
+INPUT_FORMATS = ("parquet", "webdataset", "imagefolder")
+PREPROCESS_KEYS = ("image_shape", "resize", "scale", "mean", "std")
+
+
 @dataclass
 class DataConfig:
     builtin: str | None = "digits"  # materialise a built-in dataset at train/holdout if missing
-    train: str = ""  # directory of Parquet input shards (any fsspec URI); "" = <workdir>/data/train
+    # Inputs, on any fsspec URI. parquet: *.parquet files (key, image and label columns; the image
+    # is encoded bytes or a list of uint8 pixels). webdataset: *.tar files (__key__, an image member
+    # jpg/png/..., a `cls` member). imagefolder: <root>/<class>/<file>.png|jpg...
+    format: str = "parquet"
+    train: str = ""  # "" = <workdir>/data/train
     holdout: str = ""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    key_column: str = "sample_key"
-    image_column: str = "image"
-    label_column: str | None = "label"
+    key_column: str = "sample_key"  # parquet only (webdataset: __key__; imagefolder: the file's path)
+    image_column: str = "image"  # parquet only
+    label_column: str | None = "label"  # parquet column; null = no labels (label-free data), any format
+    pixel_shape: list[int] = field(default_factory=list)  # pixel-list Parquet: stored [C, H, W]; [] = image_shape
+    on_bad_sample: str = "error"  # error | skip: skipped samples are listed in the manifest with the reason
+    files_per_shard: int = 1000  # imagefolder: files per input shard (unit of work), within a class folder
+    # Preprocessing of the student (and of every teacher that does not override it): decode,
+    # channels = image_shape[0], resize, centre crop to image_shape[1:], then (x*scale - mean)/std.
     image_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
-    scale: float = 1.0 / 16.0  # preprocessing: x = pixels * scale
+    resize: Any = None  # null | shorter side (int) | [H, W]
+    scale: float = 1.0 / 16.0
+    mean: list[float] = field(default_factory=list)  # per channel; [] = 0
+    std: list[float] = field(default_factory=list)  # per channel; [] = 1
     num_classes: int = 10
-    class_names: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)  # imagefolder: the class folders in label order
     num_shards: int = 8  # built-in data only: how many train shards to write
     holdout_fraction: float = 0.5  # built-in data only
     split_seed: int = 0  # built-in data only
@@ -57,6 +73,7 @@ class TeacherConfig:
     num_gpus: float = 0.0
     pool_size: int | None = None  # actors in this teacher's pool; None = sized from the cluster
     labels: dict[str, Any] = field(default_factory=dict)  # overrides of the `labels` section for this teacher
+    preprocess: dict[str, Any] = field(default_factory=dict)  # overrides of data.image_shape/resize/scale/mean/std
     # `kdpipe demo` trains the teacher when its checkpoint is missing:
     train_epochs: int = 20
     train_seed: int = 0
@@ -146,6 +163,19 @@ def validate(cfg: Config) -> None:
         raise bad("data.builtin", data.builtin, "built-in datasets: digits (or null)")
     if not 0.0 < data.holdout_fraction < 1.0:
         raise bad("data.holdout_fraction", data.holdout_fraction, "must be in (0, 1)")
+    if data.format not in INPUT_FORMATS:
+        raise bad("data.format", data.format, f"use one of {', '.join(INPUT_FORMATS)}")
+    if data.builtin and data.format != "parquet":
+        raise bad("data.builtin", data.builtin, "the built-in data is Parquet: set data.builtin: null for other formats")
+    if data.on_bad_sample not in ("error", "skip"):
+        raise bad("data.on_bad_sample", data.on_bad_sample, "use error or skip")
+    if data.files_per_shard < 1:
+        raise bad("data.files_per_shard", data.files_per_shard, "must be >= 1")
+    if data.pixel_shape and (len(data.pixel_shape) != 3 or min(data.pixel_shape) < 1):
+        raise bad("data.pixel_shape", data.pixel_shape, "give [channels, height, width] or []")
+    if data.class_names and len(data.class_names) != data.num_classes:
+        raise bad("data.class_names", data.class_names, f"give data.num_classes={data.num_classes} names")
+    _validate_preprocess(vars(data), "data", bad)
     names = [t.name for t in cfg.teachers]
     for i, t in enumerate(cfg.teachers):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t.name or ""):
@@ -159,6 +189,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"unknown config key 'teachers[{i}].labels.{unknown[0]}': known keys here are "
                               f"{', '.join(f.name for f in dataclasses.fields(LabelConfig))}")
         _validate_labels(labels_for(cfg, t.name), data.num_classes, f"teachers[{i}].labels", bad)
+        unknown = sorted(set(t.preprocess) - set(PREPROCESS_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown config key 'teachers[{i}].preprocess.{unknown[0]}': known keys here are "
+                              f"{', '.join(PREPROCESS_KEYS)}")
+        _validate_preprocess({k: v for k, v in vars(data).items() if k in PREPROCESS_KEYS} | t.preprocess,
+                             f"teachers[{i}].preprocess", bad)
     if len(set(names)) != len(names):
         raise bad("teachers", names, "teacher names must be unique")
     if tr.teacher_weights and len(tr.teacher_weights) != len(tr.teachers or names):
@@ -166,6 +202,38 @@ def validate(cfg: Config) -> None:
                   f"give one weight per teacher ({len(tr.teachers or names)})")
     if any(w < 0 for w in tr.teacher_weights) or (tr.teacher_weights and sum(tr.teacher_weights) <= 0):
         raise bad("train.teacher_weights", tr.teacher_weights, "weights must be >= 0 with a positive sum")
+
+
+def _validate_preprocess(p: dict[str, Any], prefix: str, bad) -> None:
+    shape = p["image_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v >= 1 for v in shape)):
+        raise bad(f"{prefix}.image_shape", shape, "give [channels, height, width]")
+    if shape[0] not in (1, 3):
+        raise bad(f"{prefix}.image_shape", shape, "channels must be 1 (grey) or 3 (RGB)")
+    resize = p["resize"]
+    ok = resize is None or (isinstance(resize, int) and resize >= 1) or (
+        isinstance(resize, list) and len(resize) == 2 and all(isinstance(v, int) and v >= 1 for v in resize))
+    if not ok:
+        raise bad(f"{prefix}.resize", resize, "use null, the shorter side (an int) or [height, width]")
+    if not isinstance(p["scale"], (int, float)) or p["scale"] <= 0:
+        raise bad(f"{prefix}.scale", p["scale"], "must be > 0")
+    for key in ("mean", "std"):
+        if p[key] and len(p[key]) != shape[0]:
+            raise bad(f"{prefix}.{key}", p[key], f"give one value per channel ({shape[0]}) or []")
+    if any(v <= 0 for v in p["std"]):
+        raise bad(f"{prefix}.std", p["std"], "must be > 0")
+
+
+def preprocess_for(cfg: Config, teacher: str | None = None):
+    """The images.Preprocess of `teacher` (data-level settings with its overrides) or, for
+    teacher=None, of the student."""
+    from kdpipe.images import make_preprocess
+
+    p = {k: getattr(cfg.data, k) for k in PREPROCESS_KEYS}
+    for t in cfg.teachers:
+        if teacher is not None and t.name == teacher:
+            p.update(t.preprocess)
+    return make_preprocess(p["image_shape"], p["resize"], p["scale"], p["mean"], p["std"])
 
 
 def _validate_labels(lab: LabelConfig, num_classes: int, prefix: str, bad) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kdpipe import datasets, generate, storage, teachers, train
-from kdpipe.config import Config, TeacherConfig
+from kdpipe.config import Config, TeacherConfig, preprocess_for
 from kdpipe.models import build_model
 
 log = logging.getLogger("kdpipe")
@@ -88,11 +88,15 @@ def ensure_teachers(cfg: Config, progress: bool = True) -> list[str]:
             missing.append(t)
     if not missing:
         return trained
-    _, x, y = datasets.load_split(d.train, d.storage_options, d.key_column, d.image_column, d.label_column,
-                                  d.image_shape, d.scale)
-    _, xh, yh = datasets.load_split(d.holdout, d.storage_options, d.key_column, d.image_column,
-                                    d.label_column, d.image_shape, d.scale)
+    source = datasets.source_spec(d)
+    splits: dict = {}  # teachers with the same preprocessing share the decoded arrays
     for t in missing:
+        pre = preprocess_for(cfg, t.name)
+        if pre not in splits:
+            splits[pre] = (datasets.load_split(d.train, source, pre)[1:], datasets.load_split(d.holdout, source, pre)[1:])
+        (x, y), (xh, yh) = splits[pre]
+        if y is None or yh is None:
+            raise ValueError(f"teacher {t.name!r}: training a teacher needs labels; data.label_column is null")
         model = fit_classifier(t.arch, x, y, d.num_classes, t.train_epochs, t.train_seed,
                                progress=f"teacher {t.name}" if progress else None)
         metrics = {"holdout_accuracy": accuracy(model, xh, yh), "train_rows": len(y), "holdout_rows": len(yh)}

@@ -12,6 +12,7 @@ teacher runs only on the shards it is missing.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kdpipe import cache, datasets, labels, runtime, storage
-from kdpipe.config import Config, labels_for
+from kdpipe.config import Config, labels_for, preprocess_for
 from kdpipe.teachers import (
     TeacherInfo,
     TeacherPredictor,
@@ -78,9 +79,12 @@ def _shard_plan(fs, shards: list[datasets.InputShard], dirs: dict[str, str]) -> 
 
 def inspect_teachers(cfg: Config) -> list[TeacherInfo]:
     """Validate every teacher before any work starts (checkpoint, architecture, class count)."""
-    pre = datasets.preprocessing_spec(cfg.data.image_shape, cfg.data.scale)
-    return [inspect_teacher(t.name, t.arch, t.checkpoint, cfg.cache.storage_options, cfg.data.num_classes,
-                            tuple(cfg.data.image_shape), pre) for t in cfg.teachers]
+    infos = []
+    for t in cfg.teachers:
+        pre = preprocess_for(cfg, t.name)
+        infos.append(inspect_teacher(t.name, t.arch, t.checkpoint, cfg.cache.storage_options, cfg.data.num_classes,
+                                     pre.image_shape, pre.spec()))
+    return infos
 
 
 def generate(cfg: Config, progress: bool = True) -> GenerateReport:
@@ -92,9 +96,9 @@ def generate(cfg: Config, progress: bool = True) -> GenerateReport:
     if not cfg.teachers:
         raise ValueError("no teachers configured: add at least one entry under `teachers`")
     infos = inspect_teachers(cfg)
-    shards = datasets.list_shards(cfg.data.train, cfg.data.storage_options)
-    pre = datasets.preprocessing_spec(cfg.data.image_shape, cfg.data.scale)
-    fingerprint = datasets.fingerprint(shards, pre)
+    source = datasets.source_spec(cfg.data, check_holdout=False)
+    shards = datasets.list_shards(cfg.data.train, source)
+    fingerprint = datasets.fingerprint(shards, source)
     settings = {i.name: cache.settings_from_config(cfg, i.name) for i in infos}
     label_hash = {name: cache.settings_hash(s) for name, s in settings.items()}
     fs, root = storage.filesystem(cfg.cache.root, cfg.cache.storage_options)
@@ -119,7 +123,7 @@ def generate(cfg: Config, progress: bool = True) -> GenerateReport:
     if todo:
         by_id = {s.shard_id: s for s in shards}
         needed = sorted({sid for ids in todo.values() for sid in ids})
-        new_units = _run_pipeline(cfg, [by_id[s] for s in needed], todo, infos, fs, dirs, progress)
+        new_units = _run_pipeline(cfg, source, [by_id[s] for s in needed], todo, fs, dirs, progress)
         for name, recs in new_units.items():
             done[name].update(recs)
             results[name].units_written = len(recs)
@@ -144,20 +148,23 @@ def generate(cfg: Config, progress: bool = True) -> GenerateReport:
     return GenerateReport(fingerprint, cfg.cache.root, results, round(time.time() - started, 2))
 
 
-def _run_pipeline(cfg: Config, shards: list[datasets.InputShard], todo: dict[str, list[str]],
-                  infos: list[TeacherInfo], fs, dirs: dict[str, str], progress: bool) -> dict[str, dict[str, dict]]:
+def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[datasets.InputShard], todo: dict[str, list[str]],
+                  fs, dirs: dict[str, str], progress: bool) -> dict[str, dict[str, dict]]:
     import ray.data
 
+    for uri in (cfg.data.train, cfg.cache.root):
+        storage.check_shared(uri)
     runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     cpus, gpus = runtime.cluster_cpus_gpus()
     teachers = [t for t in cfg.teachers if t.name in todo]
     plans = runtime.plan_teacher_pools(cpus, gpus, [(t.name, t.num_cpus, t.num_gpus, t.pool_size) for t in teachers])
-    data = {"key_column": cfg.data.key_column, "image_column": cfg.data.image_column,
-            "label_column": cfg.data.label_column, "image_shape": list(cfg.data.image_shape),
-            "scale": cfg.data.scale, "storage_options": cfg.data.storage_options}
-    items = [{"uri": s.uri, "shard_id": s.shard_id} for s in shards]
+    pre = {t.name: preprocess_for(cfg, t.name) for t in teachers}
+    views = {p.view(): p.geometry() for p in pre.values()}  # teachers with the same geometry share a view
+    log.info("%d teacher(s), %d distinct preprocessing view(s): each image is decoded once", len(teachers), len(views))
+    items = [{"shard_id": s.shard_id} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(datasets.read_decoded_shard, fn_kwargs={"data": data}, batch_size=1, num_cpus=runtime.READ_TASK_CPUS)
+    ds = ds.map_batches(datasets.read_views, batch_size=1, num_cpus=runtime.READ_TASK_CPUS,
+                        fn_kwargs={"source": source, "shards": {s.shard_id: s for s in shards}, "views": views})
     for t, plan in zip(teachers, plans, strict=True):
         log.info("teacher %s: %d actor(s) x %.2f CPU, %.2f GPU, batch %d", t.name, plan.pool_size,
                  plan.num_cpus, plan.num_gpus, t.batch_size)
@@ -166,7 +173,7 @@ def _run_pipeline(cfg: Config, shards: list[datasets.InputShard], todo: dict[str
             fn_constructor_kwargs={
                 "name": t.name, "arch": t.arch, "checkpoint": t.checkpoint,
                 "storage_options": cfg.cache.storage_options, "num_classes": cfg.data.num_classes,
-                "input_shape": tuple(cfg.data.image_shape),
+                "preprocess": pre[t.name], "view": pre[t.name].view(),
                 "shard_ids": None if len(todo[t.name]) == len(shards) else todo[t.name],
                 "num_threads": plan.threads,
             },
@@ -175,38 +182,45 @@ def _run_pipeline(cfg: Config, shards: list[datasets.InputShard], todo: dict[str
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus or None,
         )
-    ds = ds.drop_columns(["x"])
+    ds = ds.drop_columns(list(views))
 
-    expected = {s.shard_id: s for s in shards}
+    by_id = {s.shard_id: s for s in shards}
     buffers: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
+    expected: dict[str, int] = {}
+    skipped: dict[str, list[dict[str, str]]] = defaultdict(list)
     written: dict[str, dict[str, dict]] = {t.name: {} for t in teachers}
-    total_units = sum(len(v) for v in todo.values())
-    bar = tqdm(total=total_units, desc="units committed", unit="unit", disable=not progress)
+    bar = tqdm(total=sum(len(v) for v in todo.values()), desc="units committed", unit="unit", disable=not progress)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for sid in np.unique(batch["shard_id"].astype(str)):
-            sel = batch["shard_id"].astype(str) == sid
-            buffers[sid].append({k: v[sel] for k, v in batch.items()})
-            counts[sid] += int(sel.sum())
-            if counts[sid] > expected[sid].num_rows:
-                raise RuntimeError(f"input shard {expected[sid].uri}: got {counts[sid]} rows, "
-                                   f"expected {expected[sid].num_rows} (duplicated rows)")
-            if counts[sid] == expected[sid].num_rows:
+        sids = batch["shard_id"].astype(str)
+        for sid in np.unique(sids):
+            part = {k: v[sids == sid] for k, v in batch.items()}
+            # Read tasks take whole shards, so every row knows its shard's (post-skip) row count.
+            expected[sid] = int(part["shard_rows"][0])
+            skipped[sid] += [s for text in part["skipped"] if text for s in json.loads(text)]
+            real = ~part[datasets.PLACEHOLDER]
+            buffers[sid].append({k: v[real] for k, v in part.items()})
+            counts[sid] += int(real.sum())
+            if counts[sid] > expected[sid]:
+                raise RuntimeError(f"input shard {by_id[sid].uri}: got {counts[sid]} rows, "
+                                   f"expected {expected[sid]} (duplicated rows)")
+            if counts[sid] == expected[sid]:
                 parts = buffers.pop(sid)
                 rows = {k: np.concatenate([b[k] for b in parts]) for k in batch}
                 for t in teachers:
                     if sid in todo[t.name]:
-                        written[t.name][sid] = _commit_unit(cfg, fs, dirs[t.name], t.name, expected[sid], rows)
+                        written[t.name][sid] = _commit_unit(cfg, fs, dirs[t.name], t.name, by_id[sid], rows,
+                                                            skipped[sid])
                         bar.update(1)
     bar.close()
-    incomplete = {sid: counts.get(sid, 0) for sid in expected if counts.get(sid, 0) != expected[sid].num_rows}
+    incomplete = {sid: counts.get(sid, 0) for sid in by_id if sid not in expected or counts[sid] != expected[sid]}
     if incomplete:
         raise RuntimeError(f"generation ended with incomplete input shards {incomplete}; rerun to finish them")
     return written
 
 
 def _commit_unit(cfg: Config, fs, directory: str, teacher: str, shard: datasets.InputShard,
-                 rows: dict[str, np.ndarray]) -> dict[str, Any]:
+                 rows: dict[str, np.ndarray], skipped: list[dict[str, str]]) -> dict[str, Any]:
     keys = [str(k) for k in rows["sample_key"]]
     where = f"teacher {teacher!r}, input shard {shard.uri}"
     if len(set(keys)) != len(keys):
@@ -220,4 +234,4 @@ def _commit_unit(cfg: Config, fs, directory: str, teacher: str, shard: datasets.
                               lab.row_group_size)
     quality = labels.quality(logits, lab.temperature, rows.get("label"), lab.k if lab.mode == "topk" else None)
     return cache.write_unit(fs, directory, {"shard_id": shard.shard_id, "uri": shard.uri, "token": shard.token},
-                            data, lab.format, keys, quality)
+                            data, lab.format, keys, quality, skipped)

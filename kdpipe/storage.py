@@ -81,7 +81,11 @@ def sha256_bytes(data: bytes) -> str:
 
 def stat_token(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
     """What identifies a file's version without reading it: size plus ETag, or mtime on disks."""
-    info = fs.info(path)
+    return token_from_info(fs.info(path))
+
+
+def token_from_info(info: dict[str, Any]) -> dict[str, Any]:
+    """stat_token() from an fsspec info dict (as `find(detail=True)` lists them, no extra request)."""
     token: dict[str, Any] = {"size": int(info.get("size") or 0)}
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
     if etag:
@@ -90,3 +94,10 @@ def stat_token(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
         mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
         token["mtime"] = str(mtime)
     return token
+
+
+def check_shared(uri: str) -> None:
+    """Ray workers are other processes: refuse a process-local filesystem before they fail on it."""
+    if uri.startswith("memory://"):
+        raise ValueError(f"{uri!r} is process-local (memory://): Ray workers cannot read it; "
+                         "use a local path, file:// or an object store")

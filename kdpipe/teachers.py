@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kdpipe import storage
+from kdpipe.images import Preprocess
 from kdpipe.models import build_model
 
 
@@ -144,12 +145,14 @@ def mask_column(name: str) -> str:
 class TeacherPredictor:
     """Ray Data actor: adds `logits__<name>` [B, C] float32 and `labelled__<name>` [B] bool.
 
-    Only rows whose `shard_id` is in `shard_ids` run through the teacher (others get zeros and
+    Reads its input from the uint8 column `view` (its preprocessing geometry, shared with the
+    teachers that use the same) and normalises it on its own device. Only rows whose `shard_id`
+    is in `shard_ids` run through the teacher (others, and placeholder rows, get zeros and
     labelled=False), so one pass over the inputs serves teachers that miss different shards.
     """
 
     def __init__(self, name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
-                 num_classes: int, input_shape: tuple[int, ...], shard_ids: list[str] | None,
+                 num_classes: int, preprocess: Preprocess, view: str, shard_ids: list[str] | None,
                  num_threads: int = 1, device: str = "auto") -> None:
         torch.set_num_threads(max(1, num_threads))
         if device == "auto":
@@ -158,20 +161,21 @@ class TeacherPredictor:
         self.name = name
         self.num_classes = num_classes
         self.shard_ids = None if shard_ids is None else set(shard_ids)
-        self.model = load_teacher(name, arch, checkpoint, storage_options, num_classes, input_shape).to(self.device)
+        self.preprocess, self.view = preprocess, view
+        self.model = load_teacher(name, arch, checkpoint, storage_options, num_classes,
+                                  preprocess.image_shape).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = batch["x"]
+        x = batch[self.view]
         n = len(x)
-        if self.shard_ids is None:
-            mask = np.ones(n, dtype=bool)
-        else:
-            mask = np.isin(batch["shard_id"].astype(str), list(self.shard_ids))
+        mask = ~batch["placeholder"] if "placeholder" in batch else np.ones(n, dtype=bool)
+        if self.shard_ids is not None:
+            mask &= np.isin(batch["shard_id"].astype(str), list(self.shard_ids))
         logits = np.zeros((n, self.num_classes), dtype=np.float32)
         if mask.any():
             with torch.inference_mode():
                 inp = torch.from_numpy(np.ascontiguousarray(x[mask])).to(self.device, non_blocking=True)
-                logits[mask] = self.model(inp).float().cpu().numpy()
+                logits[mask] = self.model(self.preprocess.normalise(inp)).float().cpu().numpy()
         batch[logits_column(self.name)] = logits
         batch[mask_column(self.name)] = mask
         return batch

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kdpipe import cache, datasets, losses, runtime, storage
-from kdpipe.config import Config
+from kdpipe.config import Config, preprocess_for
 from kdpipe.models import build_model
 
 log = logging.getLogger("kdpipe")
@@ -68,7 +68,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(config["seed"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    model = build_model(config["student"], config["num_classes"], tuple(config["image_shape"]))
+    pre = config["preprocess"]
+    model = build_model(config["student"], config["num_classes"], pre.image_shape)
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     weights = torch.tensor(config["weights"]) if config["weights"] else None
@@ -88,6 +89,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
                                                     local_shuffle_buffer_size=config["shuffle_buffer"],
                                                     local_shuffle_seed=config["seed"] * 1000 + epoch * 10 + rank):
+            batch["x"] = pre.normalise(batch["x"])
             parts = train_step(model, optimizer, batch, config["temperature"], config["alpha"], weights)
             n = len(batch["x"])
             rows += n
@@ -98,7 +100,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         metrics.update({k: v / max(1, rows) for k, v in sums.items()})
         if rank == 0:  # every rank holds the same weights after the DDP step
             holdout = ray.train.get_dataset_shard("holdout")
-            acc, n = evaluate(model, holdout.iter_torch_batches(batch_size=512, device=device))
+            acc, n = evaluate(model, ({**b, "x": pre.normalise(b["x"])}
+                                      for b in holdout.iter_torch_batches(batch_size=512, device=device)))
             metrics.update(holdout_accuracy=acc, holdout_rows=n, eval_s=time.time() - t1)
             history.append(metrics)
         last = epoch == config["epochs"] - 1
@@ -161,28 +164,21 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
         raise ValueError("no teachers to distil from: set train.teachers or list teachers in the config")
     if distill and tr.alpha == 0:
         raise ValueError("train.alpha=0 ignores the teachers: use alpha > 0 to distil")
-    shards = datasets.list_shards(cfg.data.train, cfg.data.storage_options)
-    pre = datasets.preprocessing_spec(cfg.data.image_shape, cfg.data.scale)
-    units = _teacher_units(cfg, datasets.fingerprint(shards, pre), specs) if distill else []
     if not cfg.data.label_column:
         raise ValueError("data.label_column is null: held-out evaluation needs labels on data.holdout")
+    source = datasets.source_spec(cfg.data)
+    shards = datasets.list_shards(cfg.data.train, source)
+    units = _teacher_units(cfg, datasets.fingerprint(shards, source), specs) if distill else []
+    for uri in (cfg.data.train, cfg.data.holdout, cfg.cache.root, tr.storage_path):
+        storage.check_shared(uri)
     runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
-    data = {"key_column": cfg.data.key_column, "image_column": cfg.data.image_column,
-            "label_column": cfg.data.label_column, "image_shape": list(cfg.data.image_shape),
-            "scale": cfg.data.scale, "storage_options": cfg.data.storage_options,
-            "temperature": tr.temperature, "num_classes": cfg.data.num_classes, "topk_k": _common_k(units)}
-
-    def dataset(shard_list, unit_list):
-        items = [{"uri": s.uri, "shard_id": s.shard_id} for s in shard_list]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        return ds.map_batches(datasets.read_joined_shard, fn_kwargs={"data": data, "units": unit_list},
-                              batch_size=1, num_cpus=runtime.READ_TASK_CPUS)
-
-    holdout_shards = datasets.list_shards(cfg.data.holdout, cfg.data.storage_options)
-    train_ds = dataset(shards, units)
-    holdout_ds = dataset(holdout_shards, [])
-    row_bytes = 4 * (int(np.prod(cfg.data.image_shape)) + len(units) * cfg.data.num_classes) + 16
-    rows = sum(s.num_rows for s in shards) + sum(s.num_rows for s in holdout_shards)
+    data = {"temperature": tr.temperature, "num_classes": cfg.data.num_classes, "topk_k": _common_k(units)}
+    pre = preprocess_for(cfg)
+    holdout_shards = datasets.list_shards(cfg.data.holdout, source)
+    train_ds = student_dataset(source, shards, pre, units, data)
+    holdout_ds = student_dataset(source, holdout_shards, pre, [], data)
+    row_bytes = int(np.prod(pre.image_shape)) + 4 * len(units) * cfg.data.num_classes + 16
+    rows = sum(_rows_estimate(s, units) for s in shards) + sum(_rows_estimate(s, []) for s in holdout_shards)
     if _preload(tr.preload, rows * row_bytes):
         # Small data: decode and join once, then every epoch reads from the object store.
         train_ds, holdout_ds = train_ds.materialize(), holdout_ds.materialize()
@@ -193,7 +189,7 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
     name = run_name or f"{tr.name}-{'distilled' if distill else 'alone'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_config = _run_config(tr.storage_path, cfg.cache.storage_options, name)
     loop_config = {
-        "student": tr.student, "num_classes": cfg.data.num_classes, "image_shape": list(cfg.data.image_shape),
+        "student": tr.student, "num_classes": cfg.data.num_classes, "preprocess": pre,
         "epochs": tr.epochs, "batch_size": tr.batch_size, "lr": tr.lr, "weight_decay": tr.weight_decay,
         "temperature": tr.temperature, "alpha": tr.alpha if distill else 0.0, "seed": tr.seed,
         "weights": list(tr.teacher_weights) if distill else [], "shuffle_buffer": tr.shuffle_buffer,
@@ -216,6 +212,29 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
     return TrainReport(run=name, storage=storage.join(tr.storage_path, name), teachers=specs,
                        holdout_accuracy=float(final.get("holdout_accuracy", float("nan"))),
                        history=history, seconds=round(time.time() - started, 2))
+
+
+def student_dataset(source: dict[str, Any], shards: list[datasets.InputShard], pre, units: list[dict[str, Any]],
+                    data: dict[str, Any]):
+    """The student's input stream: one read task per input shard, joined with the teachers' units."""
+    import ray.data
+
+    items = [{"shard_id": s.shard_id} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map_batches(datasets.read_joined_shard, batch_size=1, num_cpus=runtime.READ_TASK_CPUS,
+                          fn_kwargs={"source": source, "shards": {s.shard_id: s for s in shards},
+                                     "geometry": pre.geometry(), "units": units, "data": data})
+
+
+def _rows_estimate(shard: datasets.InputShard, units: list[dict[str, Any]]) -> int:
+    """Rows of a shard before reading it: known for Parquet and folders; for tars, from a unit
+    record when labels exist, else a guess from the file size (10 KiB per sample)."""
+    if shard.num_rows is not None:
+        return shard.num_rows
+    for unit in units:
+        if shard.shard_id in unit["records"]:
+            return int(unit["records"][shard.shard_id]["rows"])
+    return max(1, int(shard.token.get("size", 0)) // 10240)
 
 
 def _preload(setting: str, estimated_bytes: int) -> bool:

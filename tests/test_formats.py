@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from kdpipe import cache, datasets, generate, labels, storage, train
+from kdpipe import cache, config, datasets, generate, labels, storage, train
 from kdpipe.teachers import load_teacher
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -30,7 +30,7 @@ def _generate(digits_cfg, tmp_path, mode, fmt, k=3):
 
 def _direct_logits(cfg):
     d, t = cfg.data, cfg.teachers[0]
-    keys, x, _ = datasets.load_split(d.train, {}, d.key_column, d.image_column, d.label_column, d.image_shape, d.scale)
+    keys, x, _ = datasets.load_split(d.train, datasets.source_spec(d), config.preprocess_for(cfg))
     model = load_teacher(t.name, t.arch, t.checkpoint, {}, d.num_classes, tuple(d.image_shape))
     with torch.no_grad():
         return dict(zip(keys, model(torch.from_numpy(x)).numpy(), strict=True))

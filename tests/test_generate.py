@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from kdpipe import cache, datasets, generate, labels, storage
+from kdpipe import cache, config, datasets, generate, labels, storage
 from kdpipe.teachers import load_teacher
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -30,7 +30,7 @@ def generated(ray_cluster, digits_cfg):
 
 def test_cache_rows_and_keys_equal_inputs(digits_cfg, generated):
     d = digits_cfg.data
-    shards = datasets.list_shards(d.train)
+    shards = datasets.list_shards(d.train, datasets.source_spec(d))
     assert generated.teacher_forward_passes == 3 * sum(s.num_rows for s in shards)
     for name in ("mlp", "cnn", "wide_cnn"):
         fs, directory, manifest = _units(digits_cfg, generated, name)
@@ -40,14 +40,14 @@ def test_cache_rows_and_keys_equal_inputs(digits_cfg, generated):
             unit = next(u for u in manifest["units"] if u["shard_id"] == shard.shard_id)
             stored = pq.read_table(io.BytesIO(fs.cat_file(storage.join(directory, unit["part"]))))
             stored_keys = stored.column(labels.KEY).to_pylist()
-            input_keys = datasets.read_shard(shard.uri, {}, [d.key_column]).column(d.key_column).to_pylist()
+            input_keys = datasets.read_samples(shard, datasets.source_spec(d)).keys
             assert stored_keys == sorted(input_keys)  # no duplicate, no missing row
             assert len(set(stored_keys)) == len(stored_keys)
 
 
 def test_stored_soft_labels_equal_teacher_forward(digits_cfg, generated):
     d, T = digits_cfg.data, digits_cfg.labels.temperature
-    keys, x, _ = datasets.load_split(d.train, {}, d.key_column, d.image_column, d.label_column, d.image_shape, d.scale)
+    keys, x, _ = datasets.load_split(d.train, datasets.source_spec(d), config.preprocess_for(digits_cfg))
     for t in digits_cfg.teachers:
         model = load_teacher(t.name, t.arch, t.checkpoint, {}, d.num_classes, tuple(d.image_shape))
         with torch.no_grad():
@@ -89,7 +89,7 @@ def test_changing_temperature_makes_new_units(digits_cfg, generated):
     cfg.labels.temperature = 2.0
     cfg.teachers = cfg.teachers[:1]
     rep = generate.generate(cfg, progress=False)
-    assert rep.teachers["mlp"].units_written == len(datasets.list_shards(cfg.data.train))
+    assert rep.teachers["mlp"].units_written == len(datasets.list_shards(cfg.data.train, datasets.source_spec(cfg.data)))
     assert rep.teachers["mlp"].directory != generated.teachers["mlp"].directory
 
 
@@ -125,7 +125,7 @@ def test_new_input_shard_labels_only_that_shard(ray_cluster, digits_cfg, tmp_pat
     first = generate.generate(cfg, progress=False)
     assert all(r.units_written == 4 for r in first.teachers.values())
 
-    holdout = datasets.read_shard(datasets.list_shards(cfg.data.holdout)[0].uri, {})
+    holdout = pq.read_table(datasets.list_shards(cfg.data.holdout, datasets.source_spec(cfg.data))[0].uri)
     extra = holdout.slice(0, 37)
     extra = extra.set_column(0, "sample_key", pa.array([f"extra-{i:04d}" for i in range(37)]))
     pq.write_table(extra, str(tmp_path / "train" / "train-99999.parquet"))
@@ -163,12 +163,12 @@ def test_changed_checkpoint_regenerates_only_that_teacher_and_pins_still_train(r
     old_cnn = first.teachers["cnn"].digest
 
     d = cfg.data
-    _, x, y = datasets.load_split(d.train, {}, d.key_column, d.image_column, d.label_column, d.image_shape, d.scale)
+    _, x, y = datasets.load_split(d.train, datasets.source_spec(d), config.preprocess_for(cfg))
     cfg.teachers[1].checkpoint = str(tmp_path / "cnn-v2.pt")
     save_checkpoint(fit_classifier("cnn", x, y, 10, 2, seed=99), cfg.teachers[1].checkpoint, {}, "cnn", 10, {})
     second = generate.generate(cfg, progress=False)
     assert second.teachers["cnn"].digest != old_cnn
-    assert second.teachers["cnn"].units_written == len(datasets.list_shards(d.train))
+    assert second.teachers["cnn"].units_written == len(datasets.list_shards(d.train, datasets.source_spec(d)))
     assert second.teachers["mlp"].units_written == 0 and second.teachers["wide_cnn"].units_written == 0
     assert second.teacher_forward_passes == 899
     fs, root = storage.filesystem(cfg.cache.root)

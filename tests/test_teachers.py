@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdpipe.images import make_preprocess
 from kdpipe.models import build_model
 from kdpipe.teachers import (
     TeacherPredictor,
@@ -72,14 +73,16 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
 
 def test_predictor_matches_direct_forward_and_masks_other_shards(tmp_path):
     path = _save(tmp_path, "cnn", 10)
-    pred = TeacherPredictor("t", "cnn", path, {}, 10, (1, 8, 8), shard_ids=["a"])
-    x = np.random.default_rng(0).random((6, 1, 8, 8), dtype=np.float32)
-    out = pred({"x": x, "shard_id": np.array(["a", "b", "a", "a", "b", "a"], dtype=object)})
+    pre = make_preprocess([1, 8, 8], None, 1 / 16, [0.5], [0.25])
+    pred = TeacherPredictor("t", "cnn", path, {}, 10, pre, "view", shard_ids=["a"])
+    x = np.random.default_rng(0).integers(0, 17, (6, 1, 8, 8), dtype=np.uint8)
+    out = pred({"view": x, "shard_id": np.array(["a", "b", "a", "a", "b", "a"], dtype=object),
+                "placeholder": np.array([False, False, False, True, False, False])})
     mask = out[mask_column("t")]
-    assert mask.tolist() == [True, False, True, True, False, True]
+    assert mask.tolist() == [True, False, True, False, False, True]  # other shard, placeholder row
     model = build_model("cnn", 10, (1, 8, 8))
     model.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
     with torch.no_grad():
-        direct = model.eval()(torch.from_numpy(x)).numpy()
+        direct = model.eval()((torch.from_numpy(x).float() / 16 - 0.5) / 0.25).numpy()
     assert np.allclose(out[logits_column("t")][mask], direct[mask], atol=1e-5)
     assert not out[logits_column("t")][~mask].any()
