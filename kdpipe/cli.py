@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: Config) -> int:
-    from kdpipe import datasets
+    from kdpipe import digits
 
     progress = not args.quiet
     if args.command == "cache":
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     d = cfg.data
     if d.builtin:
-        datasets.ensure_digits(d.train, d.holdout, d.storage_options, d.num_shards, d.holdout_fraction, d.split_seed)
+        digits.ensure_builtin(d)
     if args.command == "generate":
         from kdpipe.generate import generate
 

@@ -35,7 +35,7 @@ PREPROCESS_KEYS = ("image_shape", "resize", "scale", "mean", "std")
 
 @dataclass
 class DataConfig:
-    builtin: str | None = "digits"  # materialise a built-in dataset at train/holdout if missing
+    builtin: str | None = "digits"  # write the built-in dataset (in data.format) at train/holdout if missing
     # Inputs, on any fsspec URI. parquet: *.parquet files (key, image and label columns; the image
     # is encoded bytes or a list of uint8 pixels). webdataset: *.tar files (__key__, an image member
     # jpg/png/..., a `cls` member). imagefolder: <root>/<class>/<file>.png|jpg...
@@ -165,8 +165,6 @@ def validate(cfg: Config) -> None:
         raise bad("data.holdout_fraction", data.holdout_fraction, "must be in (0, 1)")
     if data.format not in INPUT_FORMATS:
         raise bad("data.format", data.format, f"use one of {', '.join(INPUT_FORMATS)}")
-    if data.builtin and data.format != "parquet":
-        raise bad("data.builtin", data.builtin, "the built-in data is Parquet: set data.builtin: null for other formats")
     if data.on_bad_sample not in ("error", "skip"):
         raise bad("data.on_bad_sample", data.on_bad_sample, "use error or skip")
     if data.files_per_shard < 1:

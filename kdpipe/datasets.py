@@ -19,7 +19,6 @@ and the key, or with data.on_bad_sample=skip is dropped and reported (listed in 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import posixpath
 import re
@@ -34,7 +33,6 @@ import pyarrow.parquet as pq
 
 from kdpipe import cache, images, labels, storage
 
-DATASET_RECORD = "_dataset.json"
 WDS_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 
 
@@ -381,6 +379,10 @@ def _read_tar(shard: InputShard, source: dict[str, Any]) -> Samples:
                     flush()
                     current, members = key, {}
                 members[ext.lower()] = tar.extractfile(member).read()
+            # tarfile ends quietly at a cut between members; a whole archive ends with zero blocks.
+            size = shard.token.get("size")
+            if shard.uri.endswith(".tar") and size is not None and size - tar.offset < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"no end-of-archive marker: the file ends at byte {size}")
             flush()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         if isinstance(e, PermissionError):
@@ -408,54 +410,6 @@ def _read_folder(shard: InputShard, source: dict[str, Any]) -> Samples:
             raise ValueError(f"input shard {shard.uri}: file {rel!r} could not be read ({data})") from data
         out.add(rel, data, class_index.get(rel.split("/", 1)[0]), labelled)
     return out.samples(labelled)
-
-
-def _digits_table(indices: np.ndarray, images: np.ndarray, targets: np.ndarray) -> pa.Table:
-    flat = images.reshape(len(images), -1).astype(np.uint8)
-    pixels = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.uint8()), flat.shape[1])
-    return pa.table({
-        "sample_key": pa.array([f"digits-{i:04d}" for i in indices]),
-        "image": pixels,
-        "label": pa.array(targets.astype(np.int64)),
-    })
-
-
-def _write_parquet(fs, path: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(fs, path, buf.getvalue())
-
-
-def ensure_digits(train_uri: str, holdout_uri: str, storage_options: dict[str, Any] | None,
-                  num_shards: int, holdout_fraction: float, seed: int) -> bool:
-    """Write sklearn's 8x8 digits as Parquet shards (train split in `num_shards` files) unless
-    already there. Returns True when it wrote them. Pixel values are 0..16 (use scale 1/16)."""
-    from sklearn.datasets import load_digits
-
-    settings = {"name": "digits", "num_shards": num_shards, "holdout_fraction": holdout_fraction,
-                "seed": seed}
-    fs, train_root = storage.filesystem(train_uri, storage_options)
-    _, holdout_root = storage.filesystem(holdout_uri, storage_options)
-    records = [storage.join(train_root, DATASET_RECORD), storage.join(holdout_root, DATASET_RECORD)]
-    if all(fs.exists(r) for r in records):
-        for r in records:
-            if storage.read_json(fs, r).get("settings") != settings:
-                raise ValueError(
-                    f"{r} was written with other settings than {settings}: "
-                    "use another workdir or data path, or delete the old data"
-                )
-        return False
-    digits = load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    n_holdout = int(round(len(order) * holdout_fraction))
-    holdout, train = np.sort(order[:n_holdout]), np.sort(order[n_holdout:])
-    for name, root, idx, parts in (("train", train_root, train, num_shards), ("holdout", holdout_root, holdout, 1)):
-        for s, chunk in enumerate(np.array_split(idx, parts)):
-            table = _digits_table(chunk, digits.images[chunk], digits.target[chunk])
-            _write_parquet(fs, storage.join(root, f"{name}-{s:05d}.parquet"), table)
-        storage.write_json(fs, storage.join(root, DATASET_RECORD),
-                           {"settings": settings, "rows": int(len(idx)), "shards": parts})
-    return True
 
 
 def load_split(uri: str, source: dict[str, Any], preprocess: images.Preprocess

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kdpipe import datasets, generate, storage, teachers, train
+from kdpipe import datasets, digits, generate, storage, teachers, train
 from kdpipe.config import Config, TeacherConfig, preprocess_for
 from kdpipe.models import build_model
 
@@ -111,8 +111,7 @@ def run_demo(cfg: Config, progress: bool = True) -> DemoResult:
     started = time.time()
     d = cfg.data
     if d.builtin:
-        datasets.ensure_digits(d.train, d.holdout, d.storage_options, d.num_shards, d.holdout_fraction,
-                               d.split_seed)
+        digits.ensure_builtin(d)
     trained = ensure_teachers(cfg, progress)
     report = generate.generate(cfg, progress=progress)
     alone = train.train_student(cfg, distill=False)

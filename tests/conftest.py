@@ -30,7 +30,7 @@ def ray_cluster():
 def digits_cfg(tmp_path_factory):
     """A resolved demo config in a fresh workdir with the digits written and 3 small teachers
     trained for a few epochs (real models, real checkpoints)."""
-    from kdpipe import config, datasets
+    from kdpipe import config, digits
     from kdpipe.demo import ensure_teachers
 
     workdir = tmp_path_factory.mktemp("workdir")
@@ -40,7 +40,7 @@ def digits_cfg(tmp_path_factory):
         "train.epochs=2",
     ]))
     d = cfg.data
-    datasets.ensure_digits(d.train, d.holdout, d.storage_options, d.num_shards, d.holdout_fraction, d.split_seed)
+    digits.ensure_builtin(d)
     ensure_teachers(cfg, progress=False)
     return cfg
 

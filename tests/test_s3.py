@@ -9,7 +9,7 @@ import json
 import pytest
 import s3fs
 
-from kdpipe import cache, config, datasets, generate, storage, train
+from kdpipe import cache, config, digits, generate, storage, train
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -20,7 +20,7 @@ def s3_cfg(ray_cluster, s3_server, digits_cfg):
     cfg = config.resolve_paths(config.load_config(None, [f"workdir={workdir}", "data.num_shards=4", "train.epochs=1"]))
     cfg.data.storage_options = cfg.cache.storage_options = s3_server["options"]
     d = cfg.data
-    datasets.ensure_digits(d.train, d.holdout, d.storage_options, d.num_shards, d.holdout_fraction, d.split_seed)
+    digits.ensure_builtin(d)
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server["options"])
     for local, remote in zip(digits_cfg.teachers, cfg.teachers, strict=True):
         fs.put(local.checkpoint, remote.checkpoint)
