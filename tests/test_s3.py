@@ -53,3 +53,31 @@ def test_wrong_secret_fails_clearly_without_leaking_it(s3_cfg, s3_server):
         generate.generate(cfg, progress=False)
     text = str(e.value) + json.dumps(getattr(e.value, "args", []), default=str)
     assert "not-the-secret-abcdef" not in text and s3_server["secret"] not in text
+
+
+def test_interrupted_upload_is_never_visible(s3_server):
+    """A writer killed in the middle of a (multipart) upload leaves no object under the final name:
+    a unit's part file is either whole or absent, and its record is written only after it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"s3://{s3_server['bucket']}/interrupted/part-x.parquet"
+    script = ("import sys, json; from kdpipe import storage\n"
+              "fs, path = storage.filesystem(sys.argv[1], json.loads(sys.argv[2]))\n"
+              "storage.write_bytes(fs, path, b'x' * (600 * 2**20))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, uri, json.dumps(s3_server["options"])])
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server["options"])
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        uploads = fs.call_s3("list_multipart_uploads", Bucket=s3_server["bucket"]).get("Uploads", [])
+        if any(u["Key"] == "interrupted/part-x.parquet" for u in uploads):
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the upload finished before it could be interrupted"
+    fs.invalidate_cache()
+    assert not fs.exists(uri)
