@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=10_000, help="synthetic samples per configuration")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p = bench_sub.add_parser(
+        "stream", help="student input stream from object storage vs local files (samples/s, ratio)",
+        description="Stream the student's inputs (PNG in Parquet, joined with three teachers' cached labels) "
+                    "from an object store and from local files, alternating; print samples/s and the ratio. "
+                    "Without --remote it starts a throwaway SeaweedFS S3 server on 127.0.0.1 (needs the "
+                    "test extra). Credentials for --remote come from the environment.")
+    p.add_argument("--remote", default=None, help="e.g. s3://bucket/prefix (written to, then left in place)")
+    p.add_argument("--endpoint", default=None, help="S3 endpoint URL for S3-compatible stores")
+    p.add_argument("--copies", type=int, default=4, help="copies of the 1,797 digits (default 4)")
+    p.add_argument("--upsample", type=int, default=4, help="image side = 8 x upsample (default 32 px)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     cache = sub.add_parser("cache", help="inspect, verify and clean the soft-label cache",
                            description="List, show, verify and garbage-collect committed soft labels. The cache "
@@ -102,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="kdpipe: %(message)s")
     logging.getLogger("kdpipe").setLevel(logging.INFO)
     try:
+        if args.command == "bench" and args.bench_command == "stream":
+            return _bench_stream(args)
         if args.command == "bench":
             from kdpipe.bench import format_storage, storage_figures
 
@@ -114,6 +128,31 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, PermissionError, ValueError) as e:
         print(f"kdpipe {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _bench_stream(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from kdpipe import s3local
+    from kdpipe.bench_stream import format_stream, stream_throughput
+
+    with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as tmp:
+        server = None
+        if args.remote is None:
+            server = s3local.start(f"{tmp}/s3", "KDPIPEBENCHKEY", "kdpipe-bench-secret-0123456789", "bench")
+            remote, options = "s3://bench/stream", server.options
+        else:
+            remote = args.remote
+            options = {"client_kwargs": {"endpoint_url": args.endpoint}} if args.endpoint else {}
+        try:
+            result = stream_throughput(f"{tmp}/local", remote, options, args.copies, 3, args.upsample, args.repeats)
+        finally:
+            if server is not None:
+                server.stop()
+    if server is not None:
+        result["remote_uri"] = "SeaweedFS S3 on 127.0.0.1 (weed mini)"
+    _emit(args, result, format_stream(result))
+    return 0
 
 
 def _run(args: argparse.Namespace, cfg: Config) -> int:

@@ -81,3 +81,14 @@ def test_interrupted_upload_is_never_visible(s3_server):
     assert proc.returncode == -signal.SIGKILL, "the upload finished before it could be interrupted"
     fs.invalidate_cache()
     assert not fs.exists(uri)
+
+
+def test_stream_benchmark_reads_the_same_samples_from_both_sides(ray_cluster, s3_server, tmp_path):
+    from kdpipe import bench_stream
+
+    result = bench_stream.stream_throughput(str(tmp_path / "local"), f"s3://{s3_server['bucket']}/bench",
+                                            s3_server["options"], copies=1, teachers=2, upsample=2, repeats=1)
+    assert result["local"]["rows"] == result["remote"]["rows"] == 1797
+    assert result["local"]["samples_per_s"] > 0 and result["remote"]["samples_per_s"] > 0
+    assert result["ratio_remote_to_local"] == result["remote"]["samples_per_s"] / result["local"]["samples_per_s"]
+    assert "1797 samples (16x16 PNG in Parquet)" in bench_stream.format_stream(result)
