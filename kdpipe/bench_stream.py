@@ -85,7 +85,7 @@ def stream_throughput(local_root: str, remote_root: str, remote_options: dict[st
                            "repeats": repeats, "remote_uri": remote_root}
     for name, values in rates.items():
         out[name] = {"rows": rows[name], "samples_per_s": statistics.median(values),
-                     "min": min(values), "max": max(values)}
+                     "min": min(values), "max": max(values), "each": values}
     out["ratio_remote_to_local"] = out["remote"]["samples_per_s"] / out["local"]["samples_per_s"]
     return out
 

@@ -45,6 +45,15 @@ def _select(entries: list[dict[str, Any]], spec: str | None) -> list[dict[str, A
 
 
 def run_cache_command(args, cfg: Config, emit: Callable[[Any, dict[str, Any], str], None]) -> int:
+    try:
+        return _run(args, cfg, emit)
+    except PermissionError as e:
+        if cfg.cache.root in str(e):
+            raise
+        raise storage.access_denied(cfg.cache.root, e) from None
+
+
+def _run(args, cfg: Config, emit: Callable[[Any, dict[str, Any], str], None]) -> int:
     fs, root = storage.filesystem(cfg.cache.root, cfg.cache.storage_options)
     entries = cache.list_caches(fs, root)
     action = args.cache_command

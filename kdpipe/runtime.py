@@ -33,9 +33,20 @@ def ensure_ray(address: str | None, num_cpus: float | None = None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=int(num_cpus) if num_cpus else None, **kwargs)
+        cpus = int(num_cpus) if num_cpus else None  # None: Ray counts (and respects cgroup limits)
+        # Read tasks take a fraction of a CPU, so more workers run than there are CPUs. Ray keeps
+        # only ~num_cpus idle workers alive; the rest would be killed and re-spawned (seconds of
+        # imports each) on every epoch or pass. Measured: the student stream over 7k samples went
+        # from 1.4k to 5.4k samples/s on 2 cores with the larger pool.
+        warm = workers_soft_limit(cpus or os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, _system_config={"num_workers_soft_limit": warm}, **kwargs)
     _quiet_ray_data()
     return True
+
+
+def workers_soft_limit(cpus: float) -> int:
+    """Idle workers Ray keeps alive: enough for every fractional read task plus actors."""
+    return int(cpus / READ_TASK_CPUS) + 4
 
 
 def _quiet_ray_data() -> None:

@@ -20,7 +20,8 @@ def ray_cluster():
 
     tmp = tempfile.mkdtemp(prefix="kdray-", dir="/tmp")  # short: Ray's socket paths are length-limited
     ray.init(num_cpus=2, include_dashboard=True, _temp_dir=tmp, logging_level="ERROR",
-             log_to_driver=False, configure_logging=True)
+             log_to_driver=False, configure_logging=True,
+             _system_config={"num_workers_soft_limit": runtime.workers_soft_limit(2)})
     runtime._quiet_ray_data()
     yield ray
     ray.shutdown()

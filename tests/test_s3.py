@@ -92,3 +92,38 @@ def test_stream_benchmark_reads_the_same_samples_from_both_sides(ray_cluster, s3
     assert result["local"]["samples_per_s"] > 0 and result["remote"]["samples_per_s"] > 0
     assert result["ratio_remote_to_local"] == result["remote"]["samples_per_s"] / result["local"]["samples_per_s"]
     assert "1797 samples (16x16 PNG in Parquet)" in bench_stream.format_stream(result)
+
+
+def test_cache_commands_with_credentials_from_environment_and_profile(s3_cfg, s3_server, tmp_path):
+    """`kdpipe cache` on the bucket as a user runs it: credentials from AWS_* variables, then from
+    a named profile; a wrong secret exits 2 naming the URI. No secret reaches the output."""
+    import os
+    import subprocess
+    import sys
+
+    generate.generate(s3_cfg, progress=False)  # the cache exists (reused if already committed)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    base.update(RAY_AUTH_MODE="disabled", AWS_ENDPOINT_URL=s3_server["endpoint"], AWS_DEFAULT_REGION="us-east-1",
+                AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    root = s3_cfg.cache.root
+
+    def run(env, *args):
+        out = subprocess.run([sys.executable, "-m", "kdpipe.cli", "cache", *args, "--root", root],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert s3_server["secret"] not in out.stdout + out.stderr
+        return out
+
+    env = {**base, "AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"]}
+    verified = run(env, "verify")
+    assert verified.returncode == 0, verified.stderr[-2000:]
+
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[kdtest]\naws_access_key_id = {s3_server['key']}\n"
+                     f"aws_secret_access_key = {s3_server['secret']}\n")
+    listed = run({**base, "AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_PROFILE": "kdtest"}, "ls", "--json")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert {e["teacher"] for e in json.loads(listed.stdout)["caches"] if e["latest"]} == {"mlp", "cnn", "wide_cnn"}
+
+    denied = run({**env, "AWS_SECRET_ACCESS_KEY": "wrong-secret-000"}, "ls")
+    assert denied.returncode == 2 and f"access to '{root}" in denied.stderr and "denied" in denied.stderr
+    assert "wrong-secret-000" not in denied.stdout + denied.stderr

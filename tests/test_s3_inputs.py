@@ -4,8 +4,6 @@ bucket; three teachers with their own preprocessing (two share a view); generate
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import s3fs
