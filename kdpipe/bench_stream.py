@@ -56,7 +56,7 @@ def _stream_once(side: dict[str, Any], batch_size: int) -> tuple[int, float]:
     from kdpipe.train import student_dataset
 
     ds = student_dataset(side["source"], side["shards"], side["pre"], side["units"],
-                         {"temperature": 4.0, "num_classes": 10, "topk_k": None})
+                         {"temperatures": [4.0] * len(side["units"]), "num_classes": 10, "topk_k": None})
     started, rows = time.perf_counter(), 0
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
         rows += len(batch["x"])

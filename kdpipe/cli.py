@@ -8,8 +8,10 @@ and progress bars go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -51,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train.teachers (no teacher is run), and evaluate on data.holdout.")
     _add_config_args(p, config_required=True)
     p.add_argument("--no-distill", action="store_true", help="train on labels alone (the baseline)")
+    p = sub.add_parser("export", help="export a trained student to TorchScript / ONNX (optionally int8)",
+                       description="Export the latest checkpoint of a run (<train.storage_path>/RUN) to "
+                                   "TorchScript and ONNX, with normalisation built in, and check each "
+                                   "exported model's held-out accuracy against the trained one.")
+    _add_config_args(p, config_required=True)
+    p.add_argument("--run", required=True, help="run name (printed by `kdpipe train`)")
+    p.add_argument("--formats", default="torchscript,onnx", help="comma-separated: torchscript,onnx")
+    p.add_argument("--int8", action="store_true", help="also a dynamically int8-quantised TorchScript model")
 
     bench = sub.add_parser("bench", help="benchmarks, figures measured side by side in one run",
                            description="Benchmarks. storage: bytes per sample per teacher for each label "
@@ -102,17 +112,43 @@ def _config(args: argparse.Namespace) -> Config:
     return resolve_paths(load_config(args.config, overrides))
 
 
+_RESULTS = None  # where results go: the process's real stdout (see _stdout_for_results_only)
+
+
 def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
-    if args.json:
-        print(json.dumps(obj, default=float))
-    else:
-        print(text)
+    out = _RESULTS or sys.stdout
+    print(json.dumps(obj, default=float) if args.json else text, file=out, flush=True)
+
+
+@contextlib.contextmanager
+def _stdout_for_results_only():
+    """Point file descriptor 1 at stderr while a command runs, so that whatever Ray or a library
+    prints (e.g. the raylet's worker-count warnings, which reach the driver's stdout) lands among
+    the diagnostics, and stdout carries only the result (`--json` stays parseable)."""
+    global _RESULTS
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    _RESULTS = os.fdopen(os.dup(saved), "w")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        _RESULTS.close()
+        _RESULTS = None
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="kdpipe: %(message)s")
     logging.getLogger("kdpipe").setLevel(logging.INFO)
+    with _stdout_for_results_only():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "bench" and args.bench_command == "stream":
             return _bench_stream(args)
@@ -155,6 +191,16 @@ def _bench_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_text(record: dict) -> str:
+    if not record:
+        return ""
+    lines = [f"\nexported (trained model held-out accuracy {record.get('trained_holdout_accuracy', float('nan')):.4f}):"]
+    for fmt, m in record["models"].items():
+        lines.append(f"  {fmt:<16} accuracy {m.get('holdout_accuracy', float('nan')):.4f}  "
+                     f"max |logit diff| {m.get('max_abs_logit_diff', float('nan')):.1e}  {m['path']}")
+    return "\n".join(lines)
+
+
 def _run(args: argparse.Namespace, cfg: Config) -> int:
     from kdpipe import digits
 
@@ -189,9 +235,19 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
 
         rep = train_student(cfg, distill=not args.no_distill)
         obj = {"run": rep.run, "storage": rep.storage, "teachers": rep.teachers,
-               "holdout_accuracy": rep.holdout_accuracy, "history": rep.history, "seconds": rep.seconds}
+               "holdout_accuracy": rep.holdout_accuracy, "history": rep.history, "seconds": rep.seconds,
+               "export": rep.export}
         _emit(args, obj, f"student {cfg.train.student} ({'distilled from ' + ', '.join(rep.teachers) if rep.teachers else 'alone'}): "
-                         f"held-out accuracy {rep.holdout_accuracy:.4f}\ncheckpoints: {rep.storage}")
+                         f"held-out accuracy {rep.holdout_accuracy:.4f}\nrun {rep.run}: {rep.storage} "
+                         "(checkpoints, metrics.jsonl, tensorboard/, curves.png)" + _export_text(rep.export))
+        return 0
+    if args.command == "export":
+        from kdpipe import export, storage
+
+        x, y = export.holdout_pixels(cfg)
+        record = export.export_student(storage.join(cfg.train.storage_path, args.run), cfg.cache.storage_options,
+                                       x, y, tuple(f for f in args.formats.split(",") if f), args.int8)
+        _emit(args, record, _export_text(record).strip())
         return 0
     raise AssertionError(args.command)
 

@@ -30,6 +30,9 @@ class RayConfig:
 
 
 INPUT_FORMATS = ("parquet", "webdataset", "imagefolder")
+ENSEMBLES = ("mean", "sum")  # how teachers combine (kdpipe.losses)
+KINDS = ("kl", "soft_ce", "mse")  # distillation loss variants
+WEIGHTINGS = ("fixed", "confidence", "correctness")  # per-sample teacher weighting
 PREPROCESS_KEYS = ("image_shape", "resize", "scale", "mean", "std")
 
 
@@ -100,8 +103,16 @@ class TrainConfig:
     student: str = "small_mlp"
     teachers: list[str] = field(default_factory=list)  # names in the cache ([] = all in config)
     teacher_weights: list[float] = field(default_factory=list)  # [] = equal weights
+    teacher_temperatures: list[float] = field(default_factory=list)  # [] = all `temperature`
+    ensemble: str = "auto"  # mean of distributions | sum of per-teacher terms; auto: mean (full), sum (top-k)
+    loss: str = "kl"  # kl (T^2 KL) | soft_ce | mse (logits; full labels only)
+    teacher_weighting: str = "fixed"  # fixed | confidence | correctness (per sample)
+    use_labels: bool = True  # false: label-free distillation (alpha must be 1)
     alpha: float = 0.95  # weight of the distillation term; 0 trains on labels alone
     temperature: float = 5.0
+    schedule: str = "constant"  # constant | linear | cosine: alpha -> alpha_end, temperature -> temperature_end
+    alpha_end: float | None = None  # None = alpha (no change)
+    temperature_end: float | None = None  # None = temperature
     epochs: int = 60
     batch_size: int = 16  # per worker: the global batch is batch_size * num_workers
     lr: float = 1e-2
@@ -115,6 +126,12 @@ class TrainConfig:
     preload: str = "auto"  # auto | always | never: decode+join once into Ray's object store
     storage_path: str = ""  # checkpoints and metrics; "" = <workdir>/runs
     name: str = "student"
+    run: str = ""  # "" = a new run <name>-<distilled|alone>-<time>; a fixed name resumes that run if it exists
+    max_failures: int = 2  # worker failures survived (restart from the last checkpoint); -1 = no limit
+    online: bool = False  # baseline only: run the teachers inside every training step instead of reading the cache
+    export: list[str] = field(default_factory=list)  # after training: torchscript and/or onnx, checked on held-out
+    export_int8: bool = False  # also a dynamically int8-quantised TorchScript model
+    inject_fault: str = ""  # test-only: "worker_exit:epoch=E:rank=R" kills that worker once
 
 
 @dataclass
@@ -195,6 +212,32 @@ def validate(cfg: Config) -> None:
                              f"teachers[{i}].preprocess", bad)
     if len(set(names)) != len(names):
         raise bad("teachers", names, "teacher names must be unique")
+    if tr.ensemble not in ("auto", *ENSEMBLES):
+        raise bad("train.ensemble", tr.ensemble, "use auto, mean or sum")
+    if tr.loss not in KINDS:
+        raise bad("train.loss", tr.loss, f"use one of {', '.join(KINDS)}")
+    if tr.teacher_weighting not in WEIGHTINGS:
+        raise bad("train.teacher_weighting", tr.teacher_weighting, f"use one of {', '.join(WEIGHTINGS)}")
+    if tr.schedule not in ("constant", "linear", "cosine"):
+        raise bad("train.schedule", tr.schedule, "use constant, linear or cosine")
+    if tr.alpha_end is not None and not 0.0 <= tr.alpha_end <= 1.0:
+        raise bad("train.alpha_end", tr.alpha_end, "must be in [0, 1]")
+    if tr.temperature_end is not None and tr.temperature_end <= 0:
+        raise bad("train.temperature_end", tr.temperature_end, "must be > 0")
+    if not tr.use_labels and (tr.alpha != 1.0 or (tr.alpha_end is not None and tr.alpha_end != 1.0)):
+        raise bad("train.alpha", tr.alpha, "label-free training (use_labels: false) needs alpha = 1")
+    if tr.teacher_weighting == "correctness" and not tr.use_labels:
+        raise bad("train.teacher_weighting", tr.teacher_weighting, "correctness needs labels (use_labels: true)")
+    if tr.run and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tr.run):
+        raise bad("train.run", tr.run, "use letters, digits, '_', '-', '.'")
+    if set(tr.export) - {"torchscript", "onnx"}:
+        raise bad("train.export", tr.export, "use [], [torchscript], [onnx] or [torchscript, onnx]")
+    if tr.max_failures < -1:
+        raise bad("train.max_failures", tr.max_failures, "use -1 (no limit), 0 or more")
+    if tr.teacher_temperatures and (len(tr.teacher_temperatures) != len(tr.teachers or names)
+                                    or min(tr.teacher_temperatures) <= 0):
+        raise bad("train.teacher_temperatures", tr.teacher_temperatures,
+                  f"give one temperature > 0 per teacher ({len(tr.teachers or names)}) or []")
     if tr.teacher_weights and len(tr.teacher_weights) != len(tr.teachers or names):
         raise bad("train.teacher_weights", tr.teacher_weights,
                   f"give one weight per teacher ({len(tr.teachers or names)})")

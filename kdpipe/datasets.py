@@ -412,13 +412,16 @@ def _read_folder(shard: InputShard, source: dict[str, Any]) -> Samples:
     return out.samples(labelled)
 
 
-def load_split(uri: str, source: dict[str, Any], preprocess: images.Preprocess
+def load_split(uri: str, source: dict[str, Any], preprocess: images.Preprocess, max_rows: int | None = None,
                ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
     """A whole (small) split in memory: keys, x [N, *image_shape] float32 (preprocessed), labels [N]
-    or None. For teacher training and evaluation on small data; large data streams through Ray."""
+    or None; with max_rows, the shards' first rows up to that many. For teacher training and
+    evaluation on small data; large data streams through Ray."""
     keys: list[str] = []
     xs, ys = [], []
     for shard in list_shards(uri, source):
+        if max_rows is not None and len(keys) >= max_rows:
+            break
         s = read_samples(shard, source)
         keys += s.keys
         xs.append(preprocess.normalise(apply_view(s, preprocess.geometry(), shard)))
@@ -477,18 +480,21 @@ def read_views(batch: dict[str, np.ndarray], source: dict[str, Any], shards: dic
 
 
 def read_joined_shard(batch: dict[str, np.ndarray], source: dict[str, Any], shards: dict[str, InputShard],
-                      geometry: dict[str, Any], units: list[dict[str, Any]], data: dict[str, Any]) -> dict[str, np.ndarray]:
+                      geometry: dict[str, Any], units: list[dict[str, Any]], data: dict[str, Any],
+                      views: dict[str, dict[str, Any]] | None = None) -> dict[str, np.ndarray]:
     """Training's read step: one input shard, joined by sample_key with each teacher's unit for it.
 
     Rows get x (uint8 [N, C, H, W] in the student's geometry; normalised on the worker), label,
     and either teacher_logits [N, K, C] (every teacher stored full logits) or, when
-    data["topk_k"] is set, topk_ids / topk_probs [N, K, k] and topk_tail [N, K] at the student's
-    temperature data["temperature"]."""
+    data["topk_k"] is set, topk_ids / topk_probs [N, K, k] and topk_tail [N, K], each teacher's
+    at its training temperature data["temperatures"][k]."""
     shard = shards[str(batch["shard_id"][0])]
     s = read_samples(shard, source)
     keys = np.asarray(s.keys, dtype=str)
     order = np.argsort(keys, kind="stable")  # unit files are sorted by key
     out: dict[str, np.ndarray] = {"x": apply_view(s, geometry, shard)[order]}
+    for name, g in (views or {}).items():  # online distillation: the teachers' own views
+        out[name] = apply_view(s, g, shard)[order]
     if s.labels is not None:
         out["label"] = s.labels[order]
     uri, shard_id = shard.uri, shard.shard_id
@@ -516,8 +522,8 @@ def read_joined_shard(batch: dict[str, np.ndarray], source: dict[str, Any], shar
                              f"({len(unit_keys)} vs {len(keys)} rows; e.g. {diff}); regenerate the labels")
         teacher_rows.append((unit, rows))
     if teacher_rows and data.get("topk_k"):
-        bins = [labels.student_targets(rows, unit["mode"], data["topk_k"], unit["temperature"],
-                                       data["temperature"], data["num_classes"]) for unit, rows in teacher_rows]
+        bins = [labels.student_targets(rows, unit["mode"], data["topk_k"], unit["temperature"], t, data["num_classes"])
+                for (unit, rows), t in zip(teacher_rows, data["temperatures"], strict=True)]
         out["topk_ids"], out["topk_probs"], out["topk_tail"] = (np.stack(a, axis=1) for a in zip(*bins, strict=True))
     elif teacher_rows:
         out["teacher_logits"] = np.stack([rows[labels.LOGITS] for _, rows in teacher_rows], axis=1)  # [N, K, C]

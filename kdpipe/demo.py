@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kdpipe import datasets, digits, generate, storage, teachers, train
+from kdpipe import datasets, digits, generate, plots, storage, teachers, train
 from kdpipe.config import Config, TeacherConfig, preprocess_for
 from kdpipe.models import build_model
 
@@ -36,6 +36,7 @@ class DemoResult:
     cache_root: str
     runs: dict[str, str]
     seconds: float
+    figures: dict[str, str]
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -118,12 +119,22 @@ def run_demo(cfg: Config, progress: bool = True) -> DemoResult:
     distilled = train.train_student(cfg, distill=True)
     teacher_acc = {name: float(r.metrics.get("holdout_accuracy", float("nan")))
                    for name, r in report.teachers.items()}
+    figures = {"comparison": storage.join(cfg.train.storage_path, "demo-comparison.png"),
+               "curves": storage.join(cfg.train.storage_path, "demo-curves.png")}
+    accuracies = {f"teacher {n}": a for n, a in teacher_acc.items()}
+    accuracies[f"student {cfg.train.student} alone"] = alone.holdout_accuracy
+    accuracies[f"student {cfg.train.student} distilled"] = distilled.holdout_accuracy
+    plots.write_comparison(accuracies, figures["comparison"], cfg.cache.storage_options,
+                           "kdpipe demo: held-out accuracy")
+    plots.write_curves(distilled.history, figures["curves"], cfg.cache.storage_options,
+                       f"student {cfg.train.student}: distilled (solid) vs alone (dashed)",
+                       others={"alone": alone.history})
     return DemoResult(
         teachers=teacher_acc, teachers_trained=trained,
         student_alone=alone.holdout_accuracy, student_distilled=distilled.holdout_accuracy,
         teacher_forward_passes=report.teacher_forward_passes, cache_root=cfg.cache.root,
         runs={"alone": alone.storage, "distilled": distilled.storage},
-        seconds=round(time.time() - started, 1),
+        seconds=round(time.time() - started, 1), figures=figures,
     )
 
 
@@ -141,5 +152,6 @@ def format_table(result: DemoResult, cfg: Config) -> str:
               f"workdir:     {cfg.workdir}",
               f"cache:       {result.cache_root}",
               f"checkpoints: {result.runs['alone']}", f"             {result.runs['distilled']}",
+              f"figures:     {result.figures['comparison']}", f"             {result.figures['curves']}",
               f"took {result.seconds:.0f} s"]
     return "\n".join(lines)

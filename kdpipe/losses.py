@@ -8,12 +8,25 @@ scale of the soft term independent of T (Hinton et al., 2015).
 
 Top-k teachers (`topk_kd_kl`) store only k probabilities and their tail mass; teacher and student
 are then compared over the same k + 1 bins (the k stored classes and one tail bin).
+
+Per experiment (`distillation_loss` arguments, never baked into the cache):
+  ensemble   "mean": the KL to the weighted average of the teachers' distributions;
+             "sum": the weighted sum of one KL per teacher (each at its own temperature).
+             Top-k labels always use "sum" (their supports differ per teacher).
+  kind       "kl" (T^2 KL), "soft_ce" (T^2 cross-entropy to the soft targets: the KL plus the
+             targets' entropy, same gradient) or "mse" (mean squared error between logits;
+             full labels only; no temperature).
+  weighting  "fixed" (the teacher weights), "confidence" (times each teacher's max probability
+             on the sample) or "correctness" (only the teachers whose top class is the label;
+             all of them on samples no teacher gets right). Weights are normalised per sample.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kdpipe.config import ENSEMBLES, KINDS, WEIGHTINGS
 
 
 def teacher_distribution(teacher_logits: torch.Tensor, temperature: float,
@@ -41,41 +54,119 @@ def kd_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature:
     return kl.mean() * temperature**2
 
 
+def sample_weights(num_teachers: int, batch: int, weights: torch.Tensor | None, weighting: str,
+                   top_prob: torch.Tensor | None = None, top_class: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample teacher weights [B, K], each row summing to 1.
+
+    top_prob [B, K]: each teacher's largest probability (for "confidence"); top_class [B, K]: its
+    top class (for "correctness", with labels [B])."""
+    base = torch.ones(num_teachers) if weights is None else weights.detach().float().cpu()
+    if base.shape != (num_teachers,):
+        raise ValueError(f"teacher weights have shape {tuple(base.shape)}, expected ({num_teachers},)")
+    device = top_prob.device if top_prob is not None else (top_class.device if top_class is not None else "cpu")
+    w = base.to(device)[None, :].expand(batch, -1)
+    if weighting == "confidence":
+        w = w * top_prob.detach().float()
+    elif weighting == "correctness":
+        if labels is None:
+            raise ValueError("teacher_weighting=correctness needs labels; use fixed or confidence for label-free data")
+        right = (top_class == labels[:, None]).float()
+        # A sample no teacher gets right keeps every teacher at its base weight.
+        w = torch.where(right.sum(1, keepdim=True) > 0, w * right, w)
+    elif weighting != "fixed":
+        raise ValueError(f"teacher weighting {weighting!r}: use one of {WEIGHTINGS}")
+    total = w.sum(1, keepdim=True)
+    return torch.where(total > 0, w / total.clamp(min=1e-12), torch.full_like(w, 1.0 / num_teachers))
+
+
+def _soft_term(log_q: torch.Tensor, p: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row divergence of the student log-probabilities log_q from targets p (last dim summed)."""
+    cross = -(p * log_q).sum(dim=-1)
+    return cross if kind == "soft_ce" else cross + torch.xlogy(p, p).sum(dim=-1)
+
+
+def full_kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatures: torch.Tensor,
+                  w: torch.Tensor, ensemble: str, kind: str, temperature: float) -> torch.Tensor:
+    """Per-sample distillation term [B] from full teacher logits [B, K, C]; w [B, K] sums to 1 per
+    row; temperatures [K]. "mean" uses the run's `temperature` for the student and its T^2."""
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    z, s = teacher_logits.to(dtype), student_logits.to(dtype)
+    t, w = temperatures.to(z.device, dtype), w.to(z.device, dtype)
+    if kind == "mse":
+        if ensemble == "mean":
+            return ((s - torch.einsum("bkc,bk->bc", z, w)) ** 2).mean(dim=-1)
+        return (((s[:, None, :] - z) ** 2).mean(dim=-1) * w).sum(dim=1)
+    probs = F.softmax(z / t[None, :, None], dim=-1)  # [B, K, C], each teacher at its own T
+    if ensemble == "mean":
+        p = torch.einsum("bkc,bk->bc", probs, w)
+        return _soft_term(F.log_softmax(s / temperature, dim=-1), p, kind) * temperature**2
+    log_q = F.log_softmax(s[:, None, :] / t[None, :, None], dim=-1)  # student at each teacher's T
+    return (_soft_term(log_q, probs, kind) * t[None, :] ** 2 * w).sum(dim=1)
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                       labels: torch.Tensor | None, temperature: float, alpha: float,
                       weights: torch.Tensor | None = None,
                       teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                      temperatures: list[float] | torch.Tensor | None = None, ensemble: str = "mean",
+                      kind: str = "kl", weighting: str = "fixed",
                       ) -> tuple[torch.Tensor, dict[str, float]]:
-    """alpha * T^2 * KL(teachers || student) + (1 - alpha) * CE.
+    """alpha * (distillation term) + (1 - alpha) * CE.
 
-    student_logits [B, C]; teacher_logits [B, K, C] (the KL is to the weighted average of the
-    teachers' distributions), or teacher_topk = (ids [B, K, k], probs [B, K, k], tail [B, K])
-    from top-k labels (the weighted sum of per-teacher KLs over k + 1 bins, see topk_kd_kl),
-    or neither (plain supervised training); labels [B] or None (label-free distillation).
-    Returns (loss, {"kd": ..., "ce": ..., "loss": ...}) with the parts as floats for logging.
+    student_logits [B, C]; teacher_logits [B, K, C], or teacher_topk = (ids [B, K, k], probs
+    [B, K, k], tail [B, K]) from top-k labels (probabilities already at each teacher's
+    temperature; always the "sum" ensemble over k + 1 bins, see topk_kd_kl), or neither (plain
+    supervised training); labels [B] or None (label-free distillation). weights [K] or None;
+    temperatures: one per teacher or None (all `temperature`). Returns (loss, {"kd", "ce",
+    "loss"} as floats for logging).
     """
-    if teacher_topk is not None:
-        if teacher_logits is not None:
-            raise ValueError("give teacher_logits or teacher_topk, not both")
-        teacher_logits = teacher_topk[1]  # only its presence matters below
-    if teacher_logits is None and labels is None:
+    if teacher_topk is not None and teacher_logits is not None:
+        raise ValueError("give teacher_logits or teacher_topk, not both")
+    has_teachers = teacher_logits is not None or teacher_topk is not None
+    if not has_teachers and labels is None:
         raise ValueError("distillation_loss needs teacher logits, labels, or both")
+    if ensemble not in ENSEMBLES or kind not in KINDS:
+        raise ValueError(f"ensemble {ensemble!r} / loss {kind!r}: use {ENSEMBLES} / {KINDS}")
     parts: dict[str, torch.Tensor] = {}
-    if teacher_topk is not None and alpha > 0:
-        parts["kd"] = topk_kd_kl(student_logits, *teacher_topk, temperature, weights)
-    elif teacher_logits is not None and alpha > 0:
-        parts["kd"] = kd_kl(student_logits, teacher_distribution(teacher_logits, temperature, weights), temperature)
-    if labels is not None and (alpha < 1 or teacher_logits is None):
+    if has_teachers and alpha > 0:
+        b = student_logits.shape[0]
+        if teacher_topk is not None:
+            if kind == "mse":
+                raise ValueError("loss mse compares logits and needs full labels (labels.mode: full)")
+            ids, probs, tail = teacher_topk
+            k_teachers = ids.shape[1]
+            w = sample_weights(k_teachers, b, weights, weighting, probs[..., 0], ids[..., 0], labels)
+            temps = _temperatures(temperatures, k_teachers, temperature)
+            rows = torch.stack([topk_kl_rows(student_logits, ids[:, i], probs[:, i], tail[:, i], float(temps[i]),
+                                             kind) for i in range(k_teachers)], dim=1)  # [B, K]
+            parts["kd"] = (rows * w).sum(dim=1).mean()
+        else:
+            k_teachers = teacher_logits.shape[1]
+            top = F.softmax(teacher_logits.float(), dim=-1).max(dim=-1)
+            w = sample_weights(k_teachers, b, weights, weighting, top.values, top.indices, labels)
+            temps = _temperatures(temperatures, k_teachers, temperature)
+            parts["kd"] = full_kd_terms(student_logits, teacher_logits, temps, w, ensemble, kind, temperature).mean()
+    if labels is not None and (alpha < 1 or not has_teachers):
         parts["ce"] = F.cross_entropy(student_logits.float(), labels)
-    if teacher_logits is None:
+    if not has_teachers:
         loss = parts["ce"]
     elif labels is None:
-        loss = parts["kd"]
+        loss = parts["kd"] if "kd" in parts else student_logits.sum() * 0.0
     else:
         loss = alpha * parts.get("kd", 0.0) + (1 - alpha) * parts.get("ce", 0.0)
     logged = {k: float(v.detach()) for k, v in parts.items()}
     logged["loss"] = float(loss.detach())
     return loss, logged
+
+
+def _temperatures(temperatures, k: int, default: float) -> torch.Tensor:
+    if temperatures is None or len(temperatures) == 0:
+        return torch.full((k,), float(default))
+    t = torch.as_tensor(temperatures, dtype=torch.float32)
+    if t.shape != (k,):
+        raise ValueError(f"{len(t)} teacher temperatures for {k} teachers")
+    return t
 
 
 def topk_kd_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor,
@@ -96,23 +187,32 @@ def topk_kd_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_probs:
     """
     if topk_ids.dim() == 2:
         topk_ids, topk_probs, tail = topk_ids[:, None], topk_probs[:, None], tail[:, None]
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [B, C]
-    b, num_teachers, _ = topk_ids.shape
-    ids = topk_ids.long()
-    log_q = log_q[:, None, :].expand(b, num_teachers, -1)  # [B, K, C]
-    covered = torch.zeros_like(log_q, dtype=torch.bool).scatter_(2, ids, True)
-    no_tail = covered.all(dim=-1)  # [B, K]
-    # Rows without a tail mask nothing, so logsumexp never sees only -inf (NaN gradients).
-    masked = log_q.masked_fill(covered & ~no_tail[..., None], float("-inf"))
-    log_q_tail = torch.logsumexp(masked, dim=-1)  # [B, K]
-    p = topk_probs.to(dtype)
-    t = tail.to(dtype).clamp(min=0)  # value rounding can leave a tail of -1e-8
-    kl = (torch.xlogy(p, p) - p * torch.gather(log_q, 2, ids)).sum(dim=-1)
-    kl = kl + torch.where(no_tail, torch.zeros_like(t), torch.xlogy(t, t) - t * log_q_tail)  # [B, K]
+    num_teachers = topk_ids.shape[1]
+    kl = torch.stack([topk_kl_rows(student_logits, topk_ids[:, i], topk_probs[:, i], tail[:, i], temperature)
+                      for i in range(num_teachers)], dim=1)  # [B, K]
     if weights is None:
-        return kl.mean(dim=1).mean() * temperature**2
-    w = weights.to(dtype).to(kl.device)
+        return kl.mean(dim=1).mean()
+    w = weights.to(kl.dtype).to(kl.device)
     if w.shape != (num_teachers,):
         raise ValueError(f"teacher weights have shape {tuple(w.shape)}, expected ({num_teachers},)")
-    return (kl @ (w / w.sum())).mean() * temperature**2
+    return (kl @ (w / w.sum())).mean()
+
+
+def topk_kl_rows(student_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor,
+                 temperature: float, kind: str = "kl") -> torch.Tensor:
+    """One top-k teacher: T^2 * KL (or soft cross-entropy) per row over its k + 1 bins.
+    student_logits [B, C]; ids, probs [B, k]; tail [B]. Returns [B]."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [B, C]
+    ids = ids.long()
+    covered = torch.zeros_like(log_q, dtype=torch.bool).scatter_(1, ids, True)
+    no_tail = covered.all(dim=-1)  # [B]
+    # Rows without a tail mask nothing, so logsumexp never sees only -inf (NaN gradients).
+    masked = log_q.masked_fill(covered & ~no_tail[:, None], float("-inf"))
+    log_q_tail = torch.logsumexp(masked, dim=-1)  # [B]
+    p = probs.to(dtype)
+    t = tail.to(dtype).clamp(min=0)  # value rounding can leave a tail of -1e-8
+    cross = -(p * torch.gather(log_q, 1, ids)).sum(dim=-1) - torch.where(no_tail, torch.zeros_like(t), t * log_q_tail)
+    if kind == "kl":
+        cross = cross + torch.xlogy(p, p).sum(dim=-1) + torch.where(no_tail, torch.zeros_like(t), torch.xlogy(t, t))
+    return cross * temperature**2

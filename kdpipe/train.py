@@ -8,7 +8,9 @@ The training step itself (`train_step`) is a pure function of tensors.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -21,6 +23,7 @@ import torch
 from kdpipe import cache, datasets, losses, runtime, storage
 from kdpipe.config import Config, preprocess_for
 from kdpipe.models import build_model
+from kdpipe.teachers import load_teacher
 
 log = logging.getLogger("kdpipe")
 
@@ -33,19 +36,82 @@ class TrainReport:
     holdout_accuracy: float
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    export: dict[str, Any] = field(default_factory=dict)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-               temperature: float, alpha: float, weights: torch.Tensor | None) -> dict[str, float]:
+               temperature: float, alpha: float, weights: torch.Tensor | None,
+               loss_options: dict[str, Any] | None = None, use_labels: bool = True) -> dict[str, float]:
+    """One optimiser step. loss_options: temperatures / ensemble / kind / weighting for
+    losses.distillation_loss. Returns the loss parts as floats."""
     model.train()
     out = model(batch["x"])
     topk = (batch["topk_ids"], batch["topk_probs"], batch["topk_tail"]) if "topk_ids" in batch else None
-    loss, parts = losses.distillation_loss(out, batch.get("teacher_logits"), batch.get("label"),
-                                           temperature, alpha, weights, teacher_topk=topk)
+    loss, parts = losses.distillation_loss(out, batch.get("teacher_logits"), batch.get("label") if use_labels else None,
+                                           temperature, alpha, weights, teacher_topk=topk, **(loss_options or {}))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return parts
+
+
+def schedule_value(start: float, end: float | None, kind: str, epoch: int, epochs: int) -> float:
+    """The value of a scheduled hyperparameter at `epoch` (0-based) of `epochs`: constant, or
+    linear / cosine from `start` at the first epoch to `end` at the last."""
+    if end is None or kind == "constant" or epochs <= 1:
+        return float(start)
+    t = min(1.0, max(0.0, epoch / (epochs - 1)))
+    f = t if kind == "linear" else (1 - math.cos(math.pi * t)) / 2
+    return float(start + (end - start) * f)
+
+
+class MetricsSink:
+    """Rank 0's metrics: `metrics.jsonl` (one line per epoch, rewritten whole so object stores
+    need no append) and TensorBoard event files under <run>/tensorboard, on any fsspec URI."""
+
+    def __init__(self, run_uri: str, storage_options: dict[str, Any]) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.fs, self.run = storage.filesystem(run_uri, storage_options)
+        self.local = tempfile.mkdtemp(prefix="kdpipe-tb-")
+        self.writer = SummaryWriter(self.local, flush_secs=3600)
+
+    def write(self, history: list[dict[str, Any]]) -> None:
+        last = history[-1]
+        for key, value in last.items():
+            if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, global_step=last["epoch"])
+        self.writer.flush()
+        lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
+        storage.write_bytes(self.fs, storage.join(self.run, METRICS_FILE), lines.encode())
+        for name in os.listdir(self.local):
+            with open(os.path.join(self.local, name), "rb") as f:
+                storage.write_bytes(self.fs, storage.join(self.run, "tensorboard", name), f.read())
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _inject_fault(spec: str, epoch: int, rank: int, run_uri: str, storage_options: dict[str, Any]) -> None:
+    """Test-only (train.inject_fault): "worker_exit:epoch=E:rank=R" kills that worker process
+    once per run (a marker in the run directory remembers), as a crash or an OOM kill would."""
+    kind, *args = spec.split(":")
+    opts = dict(a.split("=", 1) for a in args)
+    if kind != "worker_exit" or int(opts.get("epoch", 0)) != epoch or int(opts.get("rank", 0)) != rank:
+        return
+    fs, run = storage.filesystem(run_uri, storage_options)
+    marker = storage.join(run, "_fault_injected")
+    if fs.exists(marker):
+        return
+    # Crash once the last checkpoint is registered (Ray Train's snapshot names it), as a crash
+    # some time after a checkpoint would; a crash right after a report may lose that report.
+    deadline = time.time() + 60
+    while not fs.exists(storage.join(run, "checkpoint_manager_snapshot.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    storage.write_bytes(fs, marker, b"1")
+    log.warning("inject_fault: worker rank %d exits at epoch %d", rank, epoch)
+    os._exit(17)
 
 
 def evaluate(model: torch.nn.Module, batches) -> tuple[float, int]:
@@ -76,35 +142,56 @@ def _train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # resume: Ray Train hands back the last reported checkpoint
+    if checkpoint:  # resume: after a worker failure, or a rerun of the same run name
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
+        history = [h for h in history if h["epoch"] < start_epoch]
+    sink = MetricsSink(config["run_uri"], config["storage_options"]) if rank == 0 else None
+    online = [(t["preprocess"], t["preprocess"].view(),
+               load_teacher(t["name"], t["arch"], t["checkpoint"], config["storage_options"], config["num_classes"],
+                            t["preprocess"].image_shape).to(device)) for t in config["online_teachers"]]
     train_shard = ray.train.get_dataset_shard("train")
-    every = config["checkpoint_every"]
-    for epoch in range(start_epoch, config["epochs"]):
+    every, epochs = config["checkpoint_every"], config["epochs"]
+    loss_options = config["loss_options"]
+    for epoch in range(start_epoch, epochs):
+        if config["inject_fault"]:
+            _inject_fault(config["inject_fault"], epoch, rank, config["run_uri"], config["storage_options"])
+        alpha = schedule_value(config["alpha"], config["alpha_end"], config["schedule"], epoch, epochs)
+        temperature = schedule_value(config["temperature"], config["temperature_end"], config["schedule"], epoch, epochs)
         t0, rows, sums = time.time(), 0, {}
         for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
                                                     local_shuffle_buffer_size=config["shuffle_buffer"],
                                                     local_shuffle_seed=config["seed"] * 1000 + epoch * 10 + rank):
+            if online:  # the baseline kdpipe exists to avoid: every teacher runs on every batch
+                with torch.no_grad():
+                    batch["teacher_logits"] = torch.stack(
+                        [t(p.normalise(batch[view])).float() for p, view, t in online], dim=1)
+                for _, view, _ in online:
+                    batch.pop(view, None)
             batch["x"] = pre.normalise(batch["x"])
-            parts = train_step(model, optimizer, batch, config["temperature"], config["alpha"], weights)
+            parts = train_step(model, optimizer, batch, temperature, alpha, weights, loss_options, config["use_labels"])
             n = len(batch["x"])
             rows += n
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * n
         t1 = time.time()
-        metrics = {"epoch": epoch, "rows": rows, "samples_per_s": rows / max(1e-9, t1 - t0), "train_s": t1 - t0}
+        metrics = {"epoch": epoch, "rows": rows, "samples_per_s": rows / max(1e-9, t1 - t0), "train_s": t1 - t0,
+                   "alpha": alpha, "temperature": temperature, "lr": optimizer.param_groups[0]["lr"]}
         metrics.update({k: v / max(1, rows) for k, v in sums.items()})
         if rank == 0:  # every rank holds the same weights after the DDP step
-            holdout = ray.train.get_dataset_shard("holdout")
-            acc, n = evaluate(model, ({**b, "x": pre.normalise(b["x"])}
-                                      for b in holdout.iter_torch_batches(batch_size=512, device=device)))
-            metrics.update(holdout_accuracy=acc, holdout_rows=n, eval_s=time.time() - t1)
+            if config["evaluate"]:
+                holdout = ray.train.get_dataset_shard("holdout")
+                acc, n = evaluate(model, ({**b, "x": pre.normalise(b["x"])}
+                                          for b in holdout.iter_torch_batches(batch_size=512, device=device)))
+                metrics.update(holdout_accuracy=acc, holdout_rows=n, eval_s=time.time() - t1)
+            metrics["world_size"] = ctx.get_world_size()
+            metrics["attempt_start"] = start_epoch  # > 0: this attempt resumed from a checkpoint
             history.append(metrics)
-        last = epoch == config["epochs"] - 1
+            sink.write(history)
+        last = epoch == epochs - 1
         if not (last or (epoch + 1) % every == 0):
             continue
         # Reports are collective (every rank calls them) and block until Ray Train takes them,
@@ -113,7 +200,9 @@ def _train_loop(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as d:
                 raw = model.module if hasattr(model, "module") else model
                 torch.save({"model": model.state_dict(), "student": raw.state_dict(),
-                            "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history},
+                            "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
+                            "arch": config["student"], "num_classes": config["num_classes"],
+                            "preprocess": pre.spec()},
                            os.path.join(d, "state.pt"))
                 ray.train.report({**metrics, "history": history},
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -164,36 +253,66 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
         raise ValueError("no teachers to distil from: set train.teachers or list teachers in the config")
     if distill and tr.alpha == 0:
         raise ValueError("train.alpha=0 ignores the teachers: use alpha > 0 to distil")
-    if not cfg.data.label_column:
-        raise ValueError("data.label_column is null: held-out evaluation needs labels on data.holdout")
-    source = datasets.source_spec(cfg.data)
+    labelled = cfg.data.label_column is not None
+    if not labelled and (tr.use_labels or not distill):
+        raise ValueError("data.label_column is null (no labels): distil label-free with train.use_labels=false "
+                         "and train.alpha=1; the baseline and held-out evaluation need labels")
+    source = datasets.source_spec(cfg.data, check_holdout=labelled)
     shards = datasets.list_shards(cfg.data.train, source)
-    units = _teacher_units(cfg, datasets.fingerprint(shards, source), specs) if distill else []
+    online = distill and tr.online
+    if online and any("@" in spec for spec in specs):
+        raise ValueError("train.online runs the configured checkpoints: pinned teachers (name@digest) are cache-only")
+    units = _teacher_units(cfg, datasets.fingerprint(shards, source), specs) if distill and not online else []
+    online_teachers = [{"name": t.name, "arch": t.arch, "checkpoint": t.checkpoint,
+                        "preprocess": preprocess_for(cfg, t.name)} for t in cfg.teachers if t.name in specs] if online else []
+    if online and len(online_teachers) != len(specs):
+        raise ValueError(f"train.online: teachers {specs} must all be configured under `teachers`")
+    topk_k = _common_k(units)
+    ensemble = tr.ensemble if tr.ensemble != "auto" else ("sum" if topk_k else "mean")
+    if topk_k and ensemble == "mean":
+        raise ValueError("train.ensemble=mean needs full labels: top-k teachers have different supports; use sum")
+    if topk_k and tr.temperature_end is not None and tr.temperature_end != tr.temperature:
+        raise ValueError("a temperature schedule needs full labels (labels.mode: full): top-k targets are "
+                         "fixed at one temperature per teacher when they are read")
+    temperatures = list(tr.teacher_temperatures) or [tr.temperature] * (len(units) or len(online_teachers))
     for uri in (cfg.data.train, cfg.data.holdout, cfg.cache.root, tr.storage_path):
         storage.check_shared(uri)
     runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
-    data = {"temperature": tr.temperature, "num_classes": cfg.data.num_classes, "topk_k": _common_k(units)}
+    data = {"temperatures": temperatures, "num_classes": cfg.data.num_classes, "topk_k": topk_k}
     pre = preprocess_for(cfg)
-    holdout_shards = datasets.list_shards(cfg.data.holdout, source)
-    train_ds = student_dataset(source, shards, pre, units, data)
-    holdout_ds = student_dataset(source, holdout_shards, pre, [], data)
-    row_bytes = int(np.prod(pre.image_shape)) + 4 * len(units) * cfg.data.num_classes + 16
+    holdout_shards = datasets.list_shards(cfg.data.holdout, source) if labelled else []
+    views = {t["preprocess"].view(): t["preprocess"].geometry() for t in online_teachers}
+    train_ds = student_dataset(source, shards, pre, units, data, views)
+    datasets_ = {"train": train_ds}
+    row_bytes = (int(np.prod(pre.image_shape)) + sum(int(np.prod(g["size"])) * g["channels"] for g in views.values())
+                 + 4 * len(units) * cfg.data.num_classes + 16)
     rows = sum(_rows_estimate(s, units) for s in shards) + sum(_rows_estimate(s, []) for s in holdout_shards)
+    if holdout_shards:
+        datasets_["holdout"] = student_dataset(source, holdout_shards, pre, [], data)
     if _preload(tr.preload, rows * row_bytes):
         # Small data: decode and join once, then every epoch reads from the object store.
-        train_ds, holdout_ds = train_ds.materialize(), holdout_ds.materialize()
-    train_ds = train_ds.randomize_block_order(seed=tr.seed)
+        datasets_ = {k: v.materialize() for k, v in datasets_.items()}
+    datasets_["train"] = datasets_["train"].randomize_block_order(seed=tr.seed)
 
     cpus, _ = runtime.cluster_cpus_gpus()
     per_worker = runtime.plan_train_worker_cpus(cpus, tr.num_workers, tr.cpus_per_worker)
-    name = run_name or f"{tr.name}-{'distilled' if distill else 'alone'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_config = _run_config(tr.storage_path, cfg.cache.storage_options, name)
+    kind = ("online" if online else "distilled") if distill else "alone"
+    name = run_name or (f"{tr.run}{'' if distill else '-alone'}" if tr.run else
+                        f"{tr.name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_uri = storage.join(tr.storage_path, name)
+    run_config = _run_config(tr.storage_path, cfg.cache.storage_options, name, tr.max_failures)
     loop_config = {
         "student": tr.student, "num_classes": cfg.data.num_classes, "preprocess": pre,
         "epochs": tr.epochs, "batch_size": tr.batch_size, "lr": tr.lr, "weight_decay": tr.weight_decay,
-        "temperature": tr.temperature, "alpha": tr.alpha if distill else 0.0, "seed": tr.seed,
+        "temperature": tr.temperature, "temperature_end": tr.temperature_end,
+        "alpha": tr.alpha if distill else 0.0, "alpha_end": tr.alpha_end if distill else None,
+        "schedule": tr.schedule, "seed": tr.seed, "use_labels": tr.use_labels and labelled,
         "weights": list(tr.teacher_weights) if distill else [], "shuffle_buffer": tr.shuffle_buffer,
-        "checkpoint_every": tr.checkpoint_every,
+        "loss_options": {"temperatures": temperatures if tr.teacher_temperatures else None, "ensemble": ensemble,
+                         "kind": tr.loss, "weighting": tr.teacher_weighting},
+        "checkpoint_every": tr.checkpoint_every, "evaluate": bool(holdout_shards),
+        "run_uri": run_uri, "storage_options": cfg.cache.storage_options, "inject_fault": tr.inject_fault,
+        "online_teachers": online_teachers,
         "threads": max(1, int(per_worker)),
     }
     trainer = TorchTrainer(
@@ -201,7 +320,7 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu,
                                                resources_per_worker={"CPU": per_worker}),
-        datasets={"train": train_ds, "holdout": holdout_ds},
+        datasets=datasets_,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=run_config,
     )
@@ -209,21 +328,34 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
     result = trainer.fit()
     history = _history(result)
     final = history[-1] if history else dict(result.metrics or {})
-    return TrainReport(run=name, storage=storage.join(tr.storage_path, name), teachers=specs,
-                       holdout_accuracy=float(final.get("holdout_accuracy", float("nan"))),
-                       history=history, seconds=round(time.time() - started, 2))
+    report = TrainReport(run=name, storage=run_uri, teachers=specs,
+                         holdout_accuracy=float(final.get("holdout_accuracy", float("nan"))),
+                         history=history, seconds=round(time.time() - started, 2))
+    if history:
+        from kdpipe import plots
+
+        plots.write_curves(history, storage.join(run_uri, "curves.png"), cfg.cache.storage_options,
+                           f"{tr.student} {'distilled from ' + ', '.join(specs) if distill else 'alone'}")
+    if tr.export:
+        from kdpipe import export
+
+        x, y = export.holdout_pixels(cfg) if labelled else (None, None)
+        report.export = export.export_student(run_uri, cfg.cache.storage_options, x, y, tuple(tr.export),
+                                              tr.export_int8)
+    return report
 
 
 def student_dataset(source: dict[str, Any], shards: list[datasets.InputShard], pre, units: list[dict[str, Any]],
-                    data: dict[str, Any]):
-    """The student's input stream: one read task per input shard, joined with the teachers' units."""
+                    data: dict[str, Any], views: dict[str, dict[str, Any]] | None = None):
+    """The student's input stream: one read task per input shard, joined with the teachers' units
+    (or, for online distillation, carrying the teachers' own `views` instead)."""
     import ray.data
 
     items = [{"shard_id": s.shard_id} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(datasets.read_joined_shard, batch_size=1, num_cpus=runtime.READ_TASK_CPUS,
                           fn_kwargs={"source": source, "shards": {s.shard_id: s for s in shards},
-                                     "geometry": pre.geometry(), "units": units, "data": data})
+                                     "geometry": pre.geometry(), "units": units, "data": data, "views": views})
 
 
 def _rows_estimate(shard: datasets.InputShard, units: list[dict[str, Any]]) -> int:
@@ -247,15 +379,17 @@ def _preload(setting: str, estimated_bytes: int) -> bool:
     return estimated_bytes <= 0.1 * store
 
 
-def _run_config(storage_path: str, storage_options: dict[str, Any], name: str):
+def _run_config(storage_path: str, storage_options: dict[str, Any], name: str, max_failures: int):
+    """Ray Train's run: checkpoints under <storage_path>/<name>; a rerun with the same name
+    resumes from its last checkpoint; worker failures restart from it up to max_failures."""
     import ray.train
 
     fs, path = storage.filesystem(storage_path, storage_options)
-    quiet = ray.train.LoggingConfig(log_level="WARNING")
-    if storage.is_local(fs):
-        return ray.train.RunConfig(name=name, storage_path=path, logging_config=quiet)
-    return ray.train.RunConfig(name=name, storage_path=path, logging_config=quiet,
-                               storage_filesystem=storage.pyarrow_filesystem(fs))
+    kwargs = {"name": name, "storage_path": path, "logging_config": ray.train.LoggingConfig(log_level="WARNING"),
+              "failure_config": ray.train.FailureConfig(max_failures=max_failures)}
+    if not storage.is_local(fs):
+        kwargs["storage_filesystem"] = storage.pyarrow_filesystem(fs)
+    return ray.train.RunConfig(**kwargs)
 
 
 def _history(result) -> list[dict[str, Any]]:

@@ -97,3 +97,76 @@ def test_topk_path_with_full_support_equals_full_kl_for_one_teacher():
     topk, parts = distillation_loss(s, None, y, T, 0.7, teacher_topk=bins)
     assert topk.item() == pytest.approx(full.item(), rel=1e-5)
     assert set(parts) == {"kd", "ce", "loss"}
+
+
+def _np_softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_sum_ensemble_with_per_teacher_temperatures_matches_reference():
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(12, 6, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(12, 3, 6, generator=g, dtype=torch.float64) * 4
+    w, temps = np.array([1.0, 2.0, 3.0]), [1.0, 2.0, 5.0]
+    loss, _ = distillation_loss(s, t, None, 4.0, 1.0, torch.tensor(w), temperatures=temps, ensemble="sum")
+    expected = 0.0
+    for k, T in enumerate(temps):
+        p, q = _np_softmax(t[:, k].numpy() / T), _np_softmax(s.numpy() / T)
+        expected += w[k] / w.sum() * T * T * (p * np.log(p / q)).sum(-1).mean()
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_soft_cross_entropy_is_kl_plus_target_entropy_and_mse_compares_logits():
+    g = torch.Generator().manual_seed(8)
+    s, t = torch.randn(10, 5, generator=g, dtype=torch.float64), torch.randn(10, 2, 5, generator=g, dtype=torch.float64)
+    T = 3.0
+    kl, _ = distillation_loss(s, t, None, T, 1.0)
+    ce, _ = distillation_loss(s, t, None, T, 1.0, kind="soft_ce")
+    p = _np_softmax(t.numpy() / T).mean(1)
+    assert (ce - kl).item() == pytest.approx(T * T * -(p * np.log(p)).sum(-1).mean(), rel=1e-6)
+    mse, _ = distillation_loss(s, t, None, T, 1.0, kind="mse")
+    assert mse.item() == pytest.approx(((s.numpy() - t.numpy().mean(1)) ** 2).mean(), rel=1e-9)
+    mse_sum, _ = distillation_loss(s, t, None, T, 1.0, kind="mse", ensemble="sum")
+    assert mse_sum.item() == pytest.approx(((s.numpy()[:, None] - t.numpy()) ** 2).mean(), rel=1e-9)
+    s2 = s.clone().requires_grad_(True)
+    distillation_loss(s2, t, None, T, 1.0, kind="soft_ce")[0].backward()
+    s3 = s.clone().requires_grad_(True)
+    distillation_loss(s3, t, None, T, 1.0)[0].backward()
+    assert torch.allclose(s2.grad, s3.grad)  # same gradient as the KL
+
+
+def test_confidence_and_correctness_weighting_per_sample():
+    # Sample 0: teacher A is confident and right, B unsure and wrong. Sample 1: nobody is right.
+    t = torch.tensor([[[6.0, 0.0, 0.0], [0.0, 0.3, 0.0]],
+                      [[0.0, 4.0, 0.0], [0.0, 0.0, 4.0]]], dtype=torch.float64)
+    y = torch.tensor([0, 0])
+    probs = F.softmax(t, -1)
+    from kdpipe.losses import sample_weights
+
+    conf = sample_weights(2, 2, None, "confidence", probs.max(-1).values, probs.argmax(-1), y)
+    top = probs.max(-1).values
+    assert torch.allclose(conf, (top / top.sum(1, keepdim=True)).float())
+    right = sample_weights(2, 2, torch.tensor([1.0, 3.0]), "correctness", None, probs.argmax(-1), y)
+    assert right.tolist() == [[1.0, 0.0], [0.25, 0.75]]  # row 1: nobody right -> base weights
+    with pytest.raises(ValueError, match="correctness needs labels"):
+        sample_weights(2, 2, None, "correctness", None, probs.argmax(-1), None)
+    # The loss under correctness weighting on sample 0 is teacher A's term alone.
+    s = torch.randn(2, 3, dtype=torch.float64)
+    only_a, _ = distillation_loss(s[:1], t[:1, :1], y[:1], 2.0, 1.0)
+    weighted, _ = distillation_loss(s[:1], t[:1], y[:1], 2.0, 1.0, ensemble="sum", weighting="correctness")
+    assert weighted.item() == pytest.approx(only_a.item(), rel=1e-9)
+
+
+def test_topk_labels_with_per_teacher_temperatures_and_no_mse():
+    g = torch.Generator().manual_seed(9)
+    s, z = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 2, 5, generator=g, dtype=torch.float64)
+    temps = [1.5, 4.0]
+    p = torch.stack([F.softmax(z[:, k] / temps[k], -1) for k in range(2)], 1)
+    ids = torch.argsort(p, -1, descending=True)
+    bins = (ids, torch.gather(p, 2, ids), torch.zeros(6, 2, dtype=torch.float64))
+    topk, _ = distillation_loss(s, None, None, 9.0, 1.0, teacher_topk=bins, temperatures=temps)
+    full, _ = distillation_loss(s, z, None, 9.0, 1.0, temperatures=temps, ensemble="sum")
+    assert topk.item() == pytest.approx(full.item(), rel=1e-9)  # full support: the same KLs
+    with pytest.raises(ValueError, match="mse compares logits"):
+        distillation_loss(s, None, None, 2.0, 1.0, teacher_topk=bins, kind="mse")
