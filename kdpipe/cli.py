@@ -126,6 +126,13 @@ def _stdout_for_results_only():
     prints (e.g. the raylet's worker-count warnings, which reach the driver's stdout) lands among
     the diagnostics, and stdout carries only the result (`--json` stays parseable)."""
     global _RESULTS
+    try:
+        redirect = sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # stdout replaced (e.g. captured): leave it be
+        redirect = False
+    if not redirect:
+        yield
+        return
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)

@@ -91,9 +91,11 @@ def source_spec(data, check_holdout: bool = True) -> dict[str, Any]:
 def fingerprint(shards: list[InputShard], source: dict[str, Any]) -> str:
     """Dataset fingerprint: the sorted shard list (ids carry path + version) and what decides
     which samples, keys and labels come out of them."""
-    what = {k: source[k] for k in ("format", "key_column", "image_column", "label_column", "class_names")}
+    what = {k: source[k] for k in ("format", "key_column", "image_column", "label_column")}
     if source["format"] == "parquet":
         what["pixel_shape"] = source["pixel_shape"]
+    if source["format"] == "imagefolder":  # the folder order is the label; elsewhere names are display only
+        what["class_names"] = source["class_names"]
     body = json.dumps({"shards": sorted(s.shard_id for s in shards), "source": what}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 

@@ -80,9 +80,12 @@ def test_format_end_to_end_on_s3(ray_cluster, s3_server, checkpoints, layout):
     report = generate.generate(cfg, progress=False)
     assert report.teacher_forward_passes == 3 * rows
     source = datasets.source_spec(cfg.data)
+    loaded = {}
     for t in cfg.teachers:  # each teacher labelled its own preprocessing of the same images
         pre = config.preprocess_for(cfg, t.name)
-        keys, x, _ = datasets.load_split(cfg.data.train, source, pre)
+        if pre not in loaded:
+            loaded[pre] = datasets.load_split(cfg.data.train, source, pre)
+        keys, x, _ = loaded[pre]
         model = load_teacher(t.name, t.arch, t.checkpoint, cfg.cache.storage_options, 10, pre.image_shape)
         with torch.no_grad():
             direct = model(torch.from_numpy(x)).numpy()
@@ -103,5 +106,8 @@ def test_format_end_to_end_on_s3(ray_cluster, s3_server, checkpoints, layout):
 
     rep = train.train_student(cfg, distill=True)
     assert rep.storage.startswith("s3://") and rep.history[-1]["holdout_rows"] == 898
+    run = fs._strip_protocol(rep.storage)
+    listed = [p.rsplit("/", 1)[-1] for p in fs.ls(run)]
+    assert any(p.startswith("checkpoint_") for p in listed) and {"metrics.jsonl", "curves.png"} <= set(listed)
     assert rep.history[-1]["rows"] == rows
     assert rep.holdout_accuracy > 0.5
