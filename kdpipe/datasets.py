@@ -49,7 +49,7 @@ class InputShard:
 
 
 def _safe_stem(relpath: str) -> str:
-    stem = relpath.split(".", 1)[0] if "/" not in relpath else relpath.rsplit(".", 1)[0]
+    stem = next((relpath[: -len(ext)] for ext in (".parquet", *WDS_EXTENSIONS) if relpath.endswith(ext)), relpath)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._")[:80] or "shard"
 
 
