@@ -242,7 +242,6 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
 
     `cfg` must have its paths resolved. Ray is started (or joined, per cfg.ray) after the
     cached labels are found."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 

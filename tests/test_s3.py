@@ -28,7 +28,7 @@ def s3_cfg(ray_cluster, s3_server, digits_cfg):
     return cfg
 
 
-def test_generate_and_train_on_s3(s3_cfg, s3_server):
+def test_generate_on_s3_reuses_units_and_keeps_secrets_out(s3_cfg, s3_server):
     first = generate.generate(s3_cfg, progress=False)
     assert first.teacher_forward_passes == 3 * 899
     assert all(r.directory.startswith("s3://") for r in first.teachers.values())
