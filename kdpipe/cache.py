@@ -26,13 +26,19 @@ MANIFEST = "_manifest.json"
 
 
 def label_settings(temperature: float, mode: str, dtype: str, fmt: str, num_classes: int,
-                   class_names: list[str], k: int | None = None) -> dict[str, Any]:
-    """Everything that changes the stored labels of a given teacher on given inputs."""
+                   class_names: list[str], k: int | None = None,
+                   augment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that changes the stored labels of a given teacher on given inputs. `augment`
+    ({views, seed, crop_scale, flip}, views > 0) adds the augmented views' labels."""
     settings = {"schema_version": labels.SCHEMA_VERSION, "temperature": float(temperature), "mode": mode,
                 "dtype": dtype, "format": fmt, "num_classes": int(num_classes),
                 "class_names": list(class_names)}
     if mode == "topk":
         settings["k"] = int(k)
+    if augment and augment["views"] > 0:
+        settings["augment"] = {"views": int(augment["views"]), "seed": int(augment["seed"]),
+                               "crop_scale": [float(v) for v in augment["crop_scale"]],
+                               "flip": bool(augment["flip"])}
     return settings
 
 
@@ -42,7 +48,8 @@ def settings_from_config(cfg, teacher: str) -> dict[str, Any]:
 
     lab, data = labels_for(cfg, teacher), cfg.data
     names = data.class_names or [str(i) for i in range(data.num_classes)]
-    return label_settings(lab.temperature, lab.mode, lab.dtype, lab.format, data.num_classes, names, lab.k)
+    augment = {"views": lab.views, "seed": lab.view_seed, "crop_scale": lab.crop_scale, "flip": lab.flip}
+    return label_settings(lab.temperature, lab.mode, lab.dtype, lab.format, data.num_classes, names, lab.k, augment)
 
 
 EXACTNESS = {
@@ -66,8 +73,13 @@ def unit_dir(root: str, teacher: str, digest: str, fingerprint: str, label_hash:
     return storage.join(root, "teachers", teacher, digest, f"{fingerprint}-{label_hash}")
 
 
-def part_name(shard_id: str, fmt: str = "parquet") -> str:
-    return f"part-{shard_id}.{labels.EXTENSIONS[fmt]}"
+def part_name(shard_id: str, fmt: str = "parquet", sha256: str = "") -> str:
+    """part-<shard id>-<first 12 hex of the content's sha256>.<ext>: the same labels give the same
+    name, and two writers racing on one unit with different bytes (float kernels are not
+    bit-stable across batch sizes) write different files, so whichever record lands last names
+    a complete part of its own and nothing is ever half one writer's, half the other's."""
+    suffix = f"-{sha256[:12]}" if sha256 else ""
+    return f"part-{shard_id}{suffix}.{labels.EXTENSIONS[fmt]}"
 
 
 def unit_record_path(directory: str, shard_id: str) -> str:
@@ -111,7 +123,8 @@ def write_unit(fs, directory: str, shard: dict[str, Any], data: bytes, fmt: str,
                quality: dict[str, Any], skipped: list[dict[str, str]] = ()) -> dict[str, Any]:
     """Commit one unit: the part file (`data`, encoded by labels.encode_unit), then its record.
     `skipped`: the input samples dropped under on_bad_sample=skip, [{"key", "reason"}]."""
-    name = part_name(shard["shard_id"], fmt)
+    digest = storage.sha256_bytes(data)
+    name = part_name(shard["shard_id"], fmt, digest)
     storage.write_bytes(fs, storage.join(directory, name), data)
     record = {
         "shard_id": shard["shard_id"],
@@ -121,7 +134,7 @@ def write_unit(fs, directory: str, shard: dict[str, Any], data: bytes, fmt: str,
         "dir": directory.rstrip("/").rpartition("/")[2],
         "rows": len(keys),
         "keys_sha256": keys_digest(keys),
-        "sha256": storage.sha256_bytes(data),
+        "sha256": digest,
         "bytes": len(data),
         "quality": quality,
         "skipped": list(skipped),

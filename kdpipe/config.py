@@ -90,6 +90,18 @@ class LabelConfig:
     dtype: str = "float16"  # storage dtype of logits
     format: str = "parquet"  # parquet | webdataset
     row_group_size: int = 1024
+    # Augmented views, labelled once and replayed by students with train.augment=replay: per
+    # sample, `views` random resized crops (area fraction in crop_scale, aspect 3/4..4/3) with
+    # horizontal flips, seeded by view_seed and the sample key. 0 = the plain view only. Shared by
+    # every teacher of a generation (one decode feeds them all), so not overridable per teacher.
+    views: int = 0
+    view_seed: int = 0
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    flip: bool = True
+
+
+VIEW_KEYS = ("views", "view_seed", "crop_scale", "flip")
+AUGMENTS = ("none", "replay")
 
 
 @dataclass
@@ -122,12 +134,14 @@ class TrainConfig:
     cpus_per_worker: float | None = None  # None = sized from the cluster
     seed: int = 0
     shuffle_buffer: int = 512
-    checkpoint_every: int = 5  # epochs between checkpoints (and reports to Ray Train); the last epoch always
+    checkpoint_every: int = 1  # epochs between checkpoints (and reports to Ray Train); the last epoch always
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept in storage_path; older ones are deleted
     preload: str = "auto"  # auto | always | never: decode+join once into Ray's object store
     storage_path: str = ""  # checkpoints and metrics; "" = <workdir>/runs
     name: str = "student"
     run: str = ""  # "" = a new run <name>-<distilled|alone>-<time>; a fixed name resumes that run if it exists
     max_failures: int = 2  # worker failures survived (restart from the last checkpoint); -1 = no limit
+    augment: str = "none"  # none | replay: each epoch, one of the cached augmented views per sample (labels.views)
     online: bool = False  # baseline only: run the teachers inside every training step instead of reading the cache
     export: list[str] = field(default_factory=list)  # after training: torchscript and/or onnx, checked on held-out
     export_int8: bool = False  # also a dynamically int8-quantised TorchScript model
@@ -137,6 +151,9 @@ class TrainConfig:
 @dataclass
 class Config:
     workdir: str = "kdpipe-demo"
+    # A teacher registry: the URI of a YAML file whose `teachers:` list (same keys as below) replaces
+    # this config's `teachers`. Read on every load, so `kdpipe regenerate --every` sees changes.
+    registry: str = ""
     ray: RayConfig = field(default_factory=RayConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -172,6 +189,8 @@ def validate(cfg: Config) -> None:
         raise bad("train.preload", tr.preload, "use auto, always or never")
     if tr.checkpoint_every < 1:
         raise bad("train.checkpoint_every", tr.checkpoint_every, "must be >= 1")
+    if tr.keep_checkpoints < 1:
+        raise bad("train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1 (the last one resumes the run)")
     if tr.num_workers < 1:
         raise bad("train.num_workers", tr.num_workers, "must be >= 1")
     if data.num_classes < 2:
@@ -203,6 +222,10 @@ def validate(cfg: Config) -> None:
         if unknown:
             raise ConfigError(f"unknown config key 'teachers[{i}].labels.{unknown[0]}': known keys here are "
                               f"{', '.join(f.name for f in dataclasses.fields(LabelConfig))}")
+        shared = sorted(set(t.labels) & set(VIEW_KEYS))
+        if shared:
+            raise bad(f"teachers[{i}].labels.{shared[0]}", t.labels[shared[0]],
+                      "augmented views are shared by every teacher (one decode feeds them all): set it under `labels`")
         _validate_labels(labels_for(cfg, t.name), data.num_classes, f"teachers[{i}].labels", bad)
         unknown = sorted(set(t.preprocess) - set(PREPROCESS_KEYS))
         if unknown:
@@ -212,6 +235,10 @@ def validate(cfg: Config) -> None:
                              f"teachers[{i}].preprocess", bad)
     if len(set(names)) != len(names):
         raise bad("teachers", names, "teacher names must be unique")
+    if tr.augment not in AUGMENTS:
+        raise bad("train.augment", tr.augment, "use none or replay (replays the views cached with labels.views)")
+    if tr.augment == "replay" and tr.online:
+        raise bad("train.augment", tr.augment, "replay reads cached views; the online baseline has none")
     if tr.ensemble not in ("auto", *ENSEMBLES):
         raise bad("train.ensemble", tr.ensemble, "use auto, mean or sum")
     if tr.loss not in KINDS:
@@ -288,6 +315,11 @@ def _validate_labels(lab: LabelConfig, num_classes: int, prefix: str, bad) -> No
         raise bad(f"{prefix}.dtype", lab.dtype, "use float16 or float32")
     if lab.format not in ("parquet", "webdataset"):
         raise bad(f"{prefix}.format", lab.format, "use parquet or webdataset")
+    if not isinstance(lab.views, int) or lab.views < 0:
+        raise bad(f"{prefix}.views", lab.views, "the number of augmented views per sample: 0 or more")
+    scale = lab.crop_scale
+    if not (isinstance(scale, list) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise bad(f"{prefix}.crop_scale", scale, "give [min, max] area fractions with 0 < min <= max <= 1")
 
 
 def labels_for(cfg: Config, teacher: str) -> LabelConfig:
@@ -389,7 +421,33 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
     for assignment in overrides:
         apply_override(raw, assignment)
+    if raw.get("registry"):
+        raw["teachers"] = _registry_teachers(raw)
     return _build(Config, raw, "")
+
+
+def _registry_teachers(raw: dict[str, Any]) -> list[Any]:
+    """The `teachers` list of the registry file named by raw["registry"] (read with the cache's
+    storage options, so a registry can live next to the cache on object storage)."""
+    from kdpipe import storage
+
+    uri = raw["registry"]
+    if raw.get("teachers"):
+        raise ConfigError(f"config has both `registry: {uri}` and a `teachers` list: keep one of them")
+    options = ((raw.get("cache") or {}).get("storage_options")) or {}
+    try:
+        fs, path = storage.filesystem(uri, options)
+        text = fs.cat_file(path).decode()
+    except FileNotFoundError:
+        raise ConfigError(f"teacher registry {uri!r} does not exist: check `registry`") from None
+    try:
+        body = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"teacher registry {uri!r} is not valid YAML: {e}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("teachers"), list) or set(body) - {"teachers"}:
+        raise ConfigError(f"teacher registry {uri!r} must hold a mapping with one key, `teachers`: a list of "
+                          "teachers (name, arch, checkpoint, preprocess, labels, resources)")
+    return body["teachers"]
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -409,4 +467,8 @@ def resolve_paths(cfg: Config) -> Config:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """YAML that load_config reads back to `cfg` (teachers stay in the registry when one is set)."""
+    d = to_dict(cfg)
+    if cfg.registry:
+        d["teachers"] = []
+    return yaml.safe_dump(d, sort_keys=False)

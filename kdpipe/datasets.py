@@ -446,27 +446,60 @@ def apply_view(samples: Samples, geometry: dict[str, Any], shard: InputShard) ->
 PLACEHOLDER = "placeholder"  # a row standing for a shard with no usable samples (never labelled)
 
 
+def view_key(key: str, view: int) -> str:
+    """The label row key of augmented view `view` of sample `key` (keys stay unique in a unit:
+    a clash with a real key fails the unit's duplicate-key check)."""
+    return f"{key}#{view}"
+
+
+def sample_params(keys: list[str], augment: dict[str, Any]) -> np.ndarray:
+    """float32 [N, V, 5]: every sample's augmented views (images.augment_params)."""
+    views = int(augment["views"])
+    if not keys:
+        return np.zeros((0, views, 5), np.float32)
+    return np.stack([images.augment_params(k, views, augment["seed"], augment["crop_scale"], augment["flip"])
+                     for k in keys])
+
+
 def read_views(batch: dict[str, np.ndarray], source: dict[str, Any], shards: dict[str, InputShard],
-               views: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+               views: dict[str, dict[str, Any]], augment: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Generation's read step: one input shard -> rows with sample_key, shard_id, shard_rows,
     skipped (the shard's skip list as JSON on its first row), placeholder, label (when labelled)
     and one uint8 [N, C, H, W] column per distinct teacher geometry (`views`), all cut from a
     single decode of each image. A shard with no usable samples gives one placeholder row so the
-    driver still learns that it is done."""
+    driver still learns that it is done.
+
+    With `augment` ({views: V, seed, crop_scale, flip}), every sample also gives V rows keyed
+    `view_key(key, v)` holding its augmented views, and every row an "aug" column [5] with its
+    view params (zeros on the plain rows)."""
     assert len(batch["shard_id"]) == 1, "read tasks take one input shard each"
     shard = shards[str(batch["shard_id"][0])]
     s = read_samples(shard, source)
     n = len(s.keys)
+    keys = list(s.keys)
+    cut = {name: apply_view(s, geometry, shard) for name, geometry in views.items()}
+    labels_ = s.labels
+    if augment:
+        v = int(augment["views"])
+        params = sample_params(keys, augment)  # [N, V, 5]
+        for name, geometry in views.items():
+            extra = images.augmented(s.images, params, geometry)  # [N, V, C, H, W]
+            cut[name] = np.concatenate([cut[name], extra.reshape(n * v, *extra.shape[2:])])
+        aug = np.concatenate([np.zeros((n, 5), np.float32), params.reshape(n * v, 5)])
+        keys = keys + [view_key(k, j) for k in s.keys for j in range(v)]
+        labels_ = None if s.labels is None else np.concatenate([s.labels, np.repeat(s.labels, v)])
+        n = len(keys)
     out: dict[str, np.ndarray] = {
-        "sample_key": np.asarray(s.keys, dtype=object),
+        "sample_key": np.asarray(keys, dtype=object),
         "shard_id": np.full(n, shard.shard_id, dtype=object),
         "shard_rows": np.full(n, n, dtype=np.int64),
         PLACEHOLDER: np.zeros(n, dtype=bool),
+        **cut,
     }
-    for name, geometry in views.items():
-        out[name] = apply_view(s, geometry, shard)
-    if s.labels is not None:
-        out["label"] = s.labels
+    if augment:
+        out["aug"] = aug
+    if labels_ is not None:
+        out["label"] = labels_
     if n == 0:
         out = {"sample_key": np.asarray([""], dtype=object), "shard_id": np.asarray([shard.shard_id], dtype=object),
                "shard_rows": np.zeros(1, np.int64), PLACEHOLDER: np.ones(1, bool)}
@@ -474,11 +507,19 @@ def read_views(batch: dict[str, np.ndarray], source: dict[str, Any], shards: dic
             out[name] = np.zeros((1, g["channels"], *g["size"]), np.uint8)
         if source["label_column"] is not None:
             out["label"] = np.zeros(1, np.int64)
+        if augment:
+            out["aug"] = np.zeros((1, 5), np.float32)
     skipped = np.full(len(out["sample_key"]), "", dtype=object)
     if s.skipped:
         skipped[0] = json.dumps(s.skipped)
     out["skipped"] = skipped
     return out
+
+
+def _select(rows: dict[str, Any], index: np.ndarray) -> dict[str, Any]:
+    """The rows `index` of a decoded unit (every per-row entry)."""
+    keys = np.asarray(rows["keys"], dtype=object)
+    return {k: (keys[index].tolist() if k == "keys" else np.asarray(v)[index]) for k, v in rows.items()}
 
 
 def read_joined_shard(batch: dict[str, np.ndarray], source: dict[str, Any], shards: dict[str, InputShard],
@@ -489,18 +530,25 @@ def read_joined_shard(batch: dict[str, np.ndarray], source: dict[str, Any], shar
     Rows get x (uint8 [N, C, H, W] in the student's geometry; normalised on the worker), label,
     and either teacher_logits [N, K, C] (every teacher stored full logits) or, when
     data["topk_k"] is set, topk_ids / topk_probs [N, K, k] and topk_tail [N, K], each teacher's
-    at its training temperature data["temperatures"][k]."""
+    at its training temperature data["temperatures"][k].
+
+    With data["replay"] = V (units generated with labels.views = V), rows carry all V augmented
+    views instead: x [N, V, C, H, W], cut from the decoded image with the view params stored in
+    the units, and the teachers' labels of those very views, [N, V, K, C] (or [N, V, K, k]); the
+    training loop picks one view per sample per epoch."""
     shard = shards[str(batch["shard_id"][0])]
     s = read_samples(shard, source)
     keys = np.asarray(s.keys, dtype=str)
     order = np.argsort(keys, kind="stable")  # unit files are sorted by key
-    out: dict[str, np.ndarray] = {"x": apply_view(s, geometry, shard)[order]}
+    replay = int(data.get("replay") or 0)
+    out: dict[str, np.ndarray] = {} if replay else {"x": apply_view(s, geometry, shard)[order]}
     for name, g in (views or {}).items():  # online distillation: the teachers' own views
         out[name] = apply_view(s, g, shard)[order]
     if s.labels is not None:
         out["label"] = s.labels[order]
     uri, shard_id = shard.uri, shard.shard_id
     teacher_rows = []
+    params = None
     for unit in units:
         record = unit["records"].get(shard_id)
         where = f"teacher {unit['teacher']!r} unit {shard_id}"
@@ -517,16 +565,43 @@ def read_joined_shard(batch: dict[str, np.ndarray], source: dict[str, Any], shar
             rows = labels.decode_unit(payload, unit["mode"], unit["format"])
         except Exception as e:  # pyarrow and tarfile raise several types for damaged files
             raise ValueError(f"{where}: {fs.unstrip_protocol(path)} cannot be read ({e})") from e
-        unit_keys = np.asarray(rows["keys"], dtype=str)
+        aug = rows.get(labels.AUG)
+        plain = rows if aug is None else _select(rows, np.flatnonzero(aug[:, 2] == 0))
+        unit_keys = np.asarray(plain["keys"], dtype=str)
         if len(unit_keys) != len(keys) or not np.array_equal(unit_keys, keys[order]):
             diff = sorted(set(unit_keys.tolist()) ^ set(keys.tolist()))[:3]
             raise ValueError(f"{where}: sample keys differ from input shard {uri} "
                              f"({len(unit_keys)} vs {len(keys)} rows; e.g. {diff}); regenerate the labels")
-        teacher_rows.append((unit, rows))
+        if replay:
+            if aug is None:
+                raise ValueError(f"{where}: train.augment=replay needs labels of augmented views; "
+                                 "generate with labels.views > 0")
+            position = {k: i for i, k in enumerate(rows["keys"])}
+            try:
+                index = np.asarray([[position[view_key(k, j)] for j in range(replay)] for k in unit_keys], np.int64)
+            except KeyError as e:
+                raise ValueError(f"{where}: no labels for view {e.args[0]!r}: the unit holds fewer than "
+                                 f"{replay} views; regenerate with labels.views={replay}") from None
+            mine = aug[index]  # [N, V, 5]
+            if params is None:
+                params = mine
+            elif not np.array_equal(params, mine):
+                raise ValueError(f"{where}: its views differ from teacher {units[0]['teacher']!r}'s "
+                                 "(other labels.view_seed / crop_scale / flip): generate them together")
+            plain = _select(rows, index.reshape(-1))
+        teacher_rows.append((unit, plain))
+    if replay:
+        if params is None:
+            raise ValueError("train.augment=replay needs teachers: their units hold the view params")
+        imgs = [s.images[i] for i in order]
+        out["x"] = images.augmented(imgs, params, geometry)  # [N, V, C, H, W]
+    shape = (len(keys), replay) if replay else (len(keys),)
     if teacher_rows and data.get("topk_k"):
         bins = [labels.student_targets(rows, unit["mode"], data["topk_k"], unit["temperature"], t, data["num_classes"])
                 for (unit, rows), t in zip(teacher_rows, data["temperatures"], strict=True)]
-        out["topk_ids"], out["topk_probs"], out["topk_tail"] = (np.stack(a, axis=1) for a in zip(*bins, strict=True))
+        stacked = [np.stack(a, axis=1) for a in zip(*bins, strict=True)]  # [N*V, K, ...]
+        out["topk_ids"], out["topk_probs"], out["topk_tail"] = (a.reshape(*shape, *a.shape[1:]) for a in stacked)
     elif teacher_rows:
-        out["teacher_logits"] = np.stack([rows[labels.LOGITS] for _, rows in teacher_rows], axis=1)  # [N, K, C]
+        z = np.stack([rows[labels.LOGITS] for _, rows in teacher_rows], axis=1)  # [N*V, K, C]
+        out["teacher_logits"] = z.reshape(*shape, *z.shape[1:])
     return out

@@ -87,14 +87,32 @@ def inspect_teachers(cfg: Config) -> list[TeacherInfo]:
     return infos
 
 
-def generate(cfg: Config, progress: bool = True) -> GenerateReport:
-    """Label cfg.data.train with every teacher in cfg.teachers; commit units, manifests, refs.
+@dataclass
+class Inventory:
+    """What generation would do, found without writing anything: the teachers (validated, with
+    digests), the input shards, and per teacher its unit directory, the units committed there and
+    those committed for another version of the dataset that can be referenced instead."""
 
-    `cfg` must have its paths resolved (config.resolve_paths). Teachers are checked before
-    anything else; Ray is started (or joined, per cfg.ray) only when some unit is missing."""
-    started = time.time()
+    infos: list[TeacherInfo]
+    source: dict[str, Any]
+    shards: list[datasets.InputShard]
+    fingerprint: str
+    settings: dict[str, dict[str, Any]]
+    label_hash: dict[str, str]
+    fs: Any
+    root: str
+    dirs: dict[str, str]
+    done: dict[str, dict[str, dict]]
+    reusable: dict[str, dict[str, dict]]
+
+    def missing(self, name: str) -> list[str]:
+        have = self.done[name].keys() | self.reusable[name].keys()
+        return [s.shard_id for s in self.shards if s.shard_id not in have]
+
+
+def inventory(cfg: Config) -> Inventory:
     if not cfg.teachers:
-        raise ValueError("no teachers configured: add at least one entry under `teachers`")
+        raise ValueError("no teachers configured: add at least one entry under `teachers` (or a `registry`)")
     infos = inspect_teachers(cfg)
     source = datasets.source_spec(cfg.data, check_holdout=False)
     shards = datasets.list_shards(cfg.data.train, source)
@@ -104,13 +122,29 @@ def generate(cfg: Config, progress: bool = True) -> GenerateReport:
     fs, root = storage.filesystem(cfg.cache.root, cfg.cache.storage_options)
     dirs = {i.name: cache.unit_dir(root, i.name, i.digest, fingerprint, label_hash[i.name]) for i in infos}
     done = _shard_plan(fs, shards, dirs)
+    # Same teacher, same labels, an input shard committed for another dataset version (e.g.
+    # before new shards arrived): reference it instead of relabelling.
+    reusable = {name: cache.find_reusable_units(fs, directory, [s.shard_id for s in shards
+                                                                if s.shard_id not in done[name]])
+                for name, directory in dirs.items()}
+    return Inventory(infos, source, shards, fingerprint, settings, label_hash, fs, root, dirs, done, reusable)
+
+
+def generate(cfg: Config, progress: bool = True, inv: Inventory | None = None) -> GenerateReport:
+    """Label cfg.data.train with every teacher in cfg.teachers; commit units, manifests, refs.
+
+    `cfg` must have its paths resolved (config.resolve_paths). Teachers are checked before
+    anything else; Ray is started (or joined, per cfg.ray) only when some unit is missing.
+    `inv`: an inventory just taken (kdpipe regenerate's plan), to not take it twice."""
+    started = time.time()
+    inv = inv or inventory(cfg)
+    infos, source, shards, fingerprint, fs, root, dirs, done = (inv.infos, inv.source, inv.shards, inv.fingerprint,
+                                                                inv.fs, inv.root, inv.dirs, inv.done)
+    settings, label_hash = inv.settings, inv.label_hash
     results = {i.name: TeacherResult(i.name, i.digest, fs.unstrip_protocol(dirs[i.name]), len(shards),
                                      metrics=i.metrics) for i in infos}
     for name, directory in dirs.items():
-        # Same teacher, same labels, an input shard committed for another dataset version
-        # (e.g. before new shards arrived): commit a reference to it instead of relabelling.
-        absent = [s.shard_id for s in shards if s.shard_id not in done[name]]
-        for sid, record in cache.find_reusable_units(fs, directory, absent).items():
+        for sid, record in inv.reusable[name].items():
             storage.write_json(fs, cache.unit_record_path(directory, sid), record)
             done[name][sid] = record
             results[name].units_reused += 1
@@ -141,10 +175,12 @@ def generate(cfg: Config, progress: bool = True) -> GenerateReport:
             manifest = cache.build_manifest(teacher_meta, fingerprint, cfg.data.train, settings[name], units)
             storage.write_json(fs, storage.join(directory, cache.MANIFEST), manifest)
         results[name].quality = manifest["quality"]
-        cache.write_ref(fs, root, name, {"teacher": name, "digest": teacher_by_name[name].digest,
-                                         "fingerprint": fingerprint, "label_hash": label_hash[name],
-                                         "manifest": storage.join(fs.unstrip_protocol(directory), cache.MANIFEST),
-                                         "updated_at": time.time()})
+        ref = {"teacher": name, "digest": teacher_by_name[name].digest, "fingerprint": fingerprint,
+               "label_hash": label_hash[name], "manifest": storage.join(fs.unstrip_protocol(directory), cache.MANIFEST)}
+        old = cache.read_ref(fs, root, name)
+        if old is None or any(old.get(k) != v for k, v in ref.items()):  # a rerun with no change moves nothing
+            cache.write_ref(fs, root, name, {**ref, "updated_at": time.time(),
+                                             "previous": None if old is None else old.get("digest")})
     return GenerateReport(fingerprint, cfg.cache.root, results, round(time.time() - started, 2))
 
 
@@ -164,7 +200,8 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[datasets.Inp
     items = [{"shard_id": s.shard_id} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(datasets.read_views, batch_size=1, num_cpus=runtime.READ_TASK_CPUS,
-                        fn_kwargs={"source": source, "shards": {s.shard_id: s for s in shards}, "views": views})
+                        fn_kwargs={"source": source, "shards": {s.shard_id: s for s in shards}, "views": views,
+                                   "augment": augment_settings(cfg)})
     for t, plan in zip(teachers, plans, strict=True):
         log.info("teacher %s: %d actor(s) x %.2f CPU, %.2f GPU, batch %d", t.name, plan.pool_size,
                  plan.num_cpus, plan.num_gpus, t.batch_size)
@@ -219,6 +256,14 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[datasets.Inp
     return written
 
 
+def augment_settings(cfg: Config) -> dict[str, Any] | None:
+    """The augmented views every teacher labels (labels.views etc.), or None for the plain view only."""
+    lab = cfg.labels
+    if not lab.views:
+        return None
+    return {"views": lab.views, "seed": lab.view_seed, "crop_scale": list(lab.crop_scale), "flip": lab.flip}
+
+
 def _commit_unit(cfg: Config, fs, directory: str, teacher: str, shard: datasets.InputShard,
                  rows: dict[str, np.ndarray], skipped: list[dict[str, str]]) -> dict[str, Any]:
     keys = [str(k) for k in rows["sample_key"]]
@@ -230,8 +275,12 @@ def _commit_unit(cfg: Config, fs, directory: str, teacher: str, shard: datasets.
     logits = rows[logits_column(teacher)]
     labels.check_finite(logits, keys, where)
     lab = labels_for(cfg, teacher)
+    aug = rows.get("aug")
     data = labels.encode_unit(keys, logits, lab.mode, lab.k, lab.temperature, lab.dtype, lab.format,
-                              lab.row_group_size)
-    quality = labels.quality(logits, lab.temperature, rows.get("label"), lab.k if lab.mode == "topk" else None)
+                              lab.row_group_size, aug)
+    plain = slice(None) if aug is None else aug[:, 2] == 0  # quality figures: the plain views
+    label = rows.get("label")
+    quality = labels.quality(logits[plain], lab.temperature, None if label is None else label[plain],
+                             lab.k if lab.mode == "topk" else None)
     return cache.write_unit(fs, directory, {"shard_id": shard.shard_id, "uri": shard.uri, "token": shard.token},
                             data, lab.format, keys, quality, skipped)

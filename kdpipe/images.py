@@ -159,3 +159,60 @@ def apply_geometry(images: list[np.ndarray] | np.ndarray, geometry: dict[str, An
             img = _resize(img, resize)
         out[i] = _crop(img, size).transpose(2, 0, 1)
     return out
+
+
+# --- Augmented views: stored at generation, replayed by the student ----------------------------
+#
+# A view is a random resized crop with an optional horizontal flip, described by five numbers
+# relative to the decoded image: (top, left, height, width) as fractions of its height/width and
+# flip (0 or 1). The numbers are drawn from a generator seeded by (seed, sample key, view index),
+# rounded to float32, stored with the teacher's labels, and turned into pixels by `augmented`
+# alone, so the student that reads them cuts exactly the image the teacher labelled.
+# (0, 0, 0, 0, 0) stands for the plain view (the preprocessing's resize and centre crop).
+
+AUG_FIELDS = ("top", "left", "height", "width", "flip")
+RATIO = (3.0 / 4.0, 4.0 / 3.0)  # aspect-ratio range of the crops, as torchvision's RandomResizedCrop
+
+
+def augment_params(key: str, views: int, seed: int, crop_scale: tuple[float, float], flip: bool) -> np.ndarray:
+    """float32 [views, 5]: the crop boxes and flips of one sample's augmented views."""
+    words = np.frombuffer(hashlib.sha256(key.encode()).digest()[:16], dtype="<u4").tolist()
+    rng = np.random.default_rng([int(seed), *words])
+    out = np.zeros((views, 5), dtype=np.float32)
+    for v in range(views):
+        area = rng.uniform(crop_scale[0], crop_scale[1])
+        ratio = np.exp(rng.uniform(np.log(RATIO[0]), np.log(RATIO[1])))
+        h, w = min(1.0, np.sqrt(area / ratio)), min(1.0, np.sqrt(area * ratio))
+        out[v] = (rng.uniform(0, 1 - h), rng.uniform(0, 1 - w), h, w, float(flip and rng.random() < 0.5))
+    return out
+
+
+def _box(params: np.ndarray, h: int, w: int) -> tuple[int, int, int, int]:
+    """Pixel box (top, left, height, width) of view params on an h x w image, inside it."""
+    ch = min(h, max(1, int(round(float(params[2]) * h))))
+    cw = min(w, max(1, int(round(float(params[3]) * w))))
+    top = min(h - ch, max(0, int(round(float(params[0]) * h))))
+    left = min(w - cw, max(0, int(round(float(params[1]) * w))))
+    return top, left, ch, cw
+
+
+def augmented(images: list[np.ndarray] | np.ndarray, params: np.ndarray, geometry: dict[str, Any]) -> np.ndarray:
+    """The augmented views of images (uint8 [H, W, C] each): params float32 [N, V, 5] ->
+    uint8 [N, V, C, H, W] in `geometry`'s channels and size: crop the box from the decoded
+    image, resize it to the size (bilinear), flip."""
+    from PIL import Image
+
+    params = np.asarray(params, dtype=np.float32)
+    n, v = params.shape[:2]
+    size, channels = geometry["size"], geometry["channels"]
+    out = np.empty((n, v, channels, size[0], size[1]), dtype=np.uint8)
+    for i in range(n):
+        img = _channels(np.asarray(images[i]), channels)
+        for j in range(v):
+            top, left, ch, cw = _box(params[i, j], *img.shape[:2])
+            crop = img[top:top + ch, left:left + cw]
+            planes = [np.asarray(Image.fromarray(np.ascontiguousarray(crop[..., c])).resize(
+                (size[1], size[0]), Image.BILINEAR)) for c in range(channels)]
+            view = np.stack(planes, axis=0)
+            out[i, j] = view[:, :, ::-1] if params[i, j, 4] >= 0.5 else view
+    return out

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 SCHEMA_VERSION = 1
 KEY = "sample_key"
 LOGITS = "logits"
+AUG = "aug"  # float32 [5] per row in units with augmented views (images.AUG_FIELDS; zeros = plain view)
 
 _ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
@@ -56,16 +57,33 @@ def check_finite(logits: np.ndarray, keys: list[str], where: str) -> None:
         )
 
 
-def labels_table(keys: list[str], logits: np.ndarray, dtype: str) -> pa.Table:
-    """Rows sorted by key. keys: B strings; logits: [B, C]."""
+def labels_table(keys: list[str], logits: np.ndarray, dtype: str, aug: np.ndarray | None = None) -> pa.Table:
+    """Rows sorted by key. keys: B strings; logits: [B, C]; aug: view params [B, 5] or None."""
     order = _key_order(keys)
     z = np.ascontiguousarray(np.asarray(logits)[order]).astype(dtype)
     num_classes = z.shape[1]
     values = pa.array(z.reshape(-1), type=_ARROW_DTYPES[dtype])
-    return pa.Table.from_arrays(
+    table = pa.Table.from_arrays(
         [pa.array([keys[i] for i in order], pa.string()), pa.FixedSizeListArray.from_arrays(values, num_classes)],
         schema=label_schema(num_classes, dtype),
     )
+    return _with_aug(table, aug, order)
+
+
+def _with_aug(table: pa.Table, aug: np.ndarray | None, order: np.ndarray) -> pa.Table:
+    if aug is None:
+        return table
+    flat = pa.array(np.ascontiguousarray(np.asarray(aug, np.float32)[order]).reshape(-1), pa.float32())
+    return table.append_column(pa.field(AUG, pa.list_(pa.float32(), 5), nullable=False),
+                               pa.FixedSizeListArray.from_arrays(flat, 5))
+
+
+def table_aug(table: pa.Table) -> np.ndarray | None:
+    """The view params float32 [B, 5] of a unit table, or None when it has no augmented views."""
+    if AUG not in table.column_names:
+        return None
+    col = table.column(AUG).combine_chunks()
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, 5)
 
 
 def table_logits(table: pa.Table) -> np.ndarray:
@@ -171,18 +189,20 @@ def _key_order(keys: list[str]) -> np.ndarray:
     return np.argsort(np.asarray(keys, dtype=object).astype(str), kind="stable")
 
 
-def topk_table(keys: list[str], logits: np.ndarray, k: int, temperature: float, dtype: str) -> pa.Table:
+def topk_table(keys: list[str], logits: np.ndarray, k: int, temperature: float, dtype: str,
+               aug: np.ndarray | None = None) -> pa.Table:
     """Top-k rows sorted by key. keys: B strings; logits: [B, C] at generation temperature T."""
     order = _key_order(keys)
     arrays = topk_arrays(np.asarray(logits)[order], k, temperature, dtype)
     num_classes = np.asarray(logits).shape[1]
     schema = topk_schema(k, num_classes, dtype)
-    return pa.Table.from_arrays([
+    table = pa.Table.from_arrays([
         pa.array([keys[i] for i in order], pa.string()),
         pa.FixedSizeListArray.from_arrays(pa.array(arrays[TOPK_VALUES].reshape(-1)), k),
         pa.FixedSizeListArray.from_arrays(pa.array(arrays[TOPK_IDS].reshape(-1)), k),
         pa.array(arrays[LOG_Z], pa.float32()),
     ], schema=schema)
+    return _with_aug(table, aug, order)
 
 
 def table_topk(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -316,8 +336,10 @@ def webdataset_bytes(keys: list[str], arrays: dict[str, np.ndarray], mode: str) 
     """Deterministic tar bytes of a unit, samples sorted by key.
 
     keys: B distinct strings. arrays, rows in the order of keys: mode "full": {"logits": [B, C]};
-    mode "topk": {"topk_values": [B, k], "topk_ids": [B, k], "log_z": [B]} as `topk_arrays` gives.
+    mode "topk": {"topk_values": [B, k], "topk_ids": [B, k], "log_z": [B]} as `topk_arrays` gives;
+    either with "aug" [B, 5] (view params, an `aug.npy` member per sample) in units with views.
     """
+    aug = arrays.get(AUG)
     if len(set(keys)) != len(keys):
         raise ValueError(f"a WebDataset unit needs distinct sample keys, got {len(keys) - len(set(keys))} duplicates")
     payloads, top1 = _wds_payloads(arrays, mode)
@@ -329,6 +351,8 @@ def webdataset_bytes(keys: list[str], arrays: dict[str, np.ndarray], mode: str) 
             name = wds_key(keys[i])
             _add_member(tar, f"{name}.cls", str(int(top1[i])).encode())
             _add_member(tar, f"{name}.{WDS_PAYLOAD[mode]}", payloads[i])
+            if aug is not None:
+                _add_member(tar, f"{name}.{AUG}.npy", _npy_bytes(np.asarray(aug[i], np.float32)))
     return buf.getvalue()
 
 
@@ -350,9 +374,10 @@ def _unit_mode(samples: dict[str, dict[str, bytes]]) -> str | None:
     if not samples:
         return None
     first = set(next(iter(samples.values())))
-    mode = next((m for m, ext in WDS_PAYLOAD.items() if first == {"cls", ext}), None)
+    extra = {f"{AUG}.npy"} & first  # units with augmented views carry the view params of every row
+    mode = next((m for m, ext in WDS_PAYLOAD.items() if first == {"cls", ext} | extra), None)
     for name, sample in samples.items():
-        if mode is None or set(sample) != {"cls", WDS_PAYLOAD[mode]}:
+        if mode is None or set(sample) != {"cls", WDS_PAYLOAD[mode]} | extra:
             raise ValueError(f"sample {unwds_key(name)!r} has members {sorted(sample)}: a unit needs "
                              f"'cls' and one of {sorted(WDS_PAYLOAD.values())}, the same for every sample")
     return mode
@@ -377,6 +402,8 @@ def read_webdataset_unit(data: bytes) -> dict[str, Any]:
         out[LOGITS] = rows
     else:
         out.update({name: np.ascontiguousarray(rows[name]) for name in (TOPK_VALUES, TOPK_IDS, LOG_Z)})
+    if f"{AUG}.npy" in next(iter(samples.values())):
+        out[AUG] = np.stack([np.load(io.BytesIO(s[f"{AUG}.npy"]), allow_pickle=False) for s in samples.values()])
     return out
 
 
@@ -386,19 +413,24 @@ EXTENSIONS = {"parquet": "parquet", "webdataset": "tar"}
 
 
 def encode_unit(keys: list[str], logits: np.ndarray, mode: str, k: int, temperature: float, dtype: str,
-                fmt: str, row_group_size: int) -> bytes:
-    """A unit's file: full logits or the top-k record of logits [B, C], as Parquet or a tar."""
+                fmt: str, row_group_size: int, aug: np.ndarray | None = None) -> bytes:
+    """A unit's file: full logits or the top-k record of logits [B, C], as Parquet or a tar;
+    with `aug` [B, 5], each row's view params (units with augmented views)."""
     if fmt == "parquet":
-        table = labels_table(keys, logits, dtype) if mode == "full" else topk_table(keys, logits, k, temperature, dtype)
+        table = (labels_table(keys, logits, dtype, aug) if mode == "full"
+                 else topk_table(keys, logits, k, temperature, dtype, aug))
         return parquet_bytes(table, row_group_size)
     arrays = ({LOGITS: np.asarray(logits).astype(dtype)} if mode == "full"
               else topk_arrays(logits, k, temperature, dtype))
+    if aug is not None:
+        arrays[AUG] = np.asarray(aug, np.float32)
     return webdataset_bytes(keys, arrays, mode)
 
 
 def decode_unit(data: bytes, mode: str, fmt: str) -> dict[str, Any]:
     """Rows of a unit, sorted by key: {"keys"} plus "logits" float32 [B, C] (full) or
-    "topk_values" float32 [B, k], "topk_ids" int64 [B, k], "log_z" float32 [B] (topk)."""
+    "topk_values" float32 [B, k], "topk_ids" int64 [B, k], "log_z" float32 [B] (topk), and
+    "aug" float32 [B, 5] in units with augmented views."""
     if fmt == "parquet":
         table = pq.read_table(io.BytesIO(data))
         out: dict[str, Any] = {"keys": table.column(KEY).to_pylist()}
@@ -406,6 +438,9 @@ def decode_unit(data: bytes, mode: str, fmt: str) -> dict[str, Any]:
             out[LOGITS] = table_logits(table)
         else:
             out[TOPK_VALUES], out[TOPK_IDS], out[LOG_Z] = table_topk(table)
+        aug = table_aug(table)
+        if aug is not None:
+            out[AUG] = aug
         return out
     rows = read_webdataset_unit(data)
     if rows["keys"] and rows["mode"] != mode:
@@ -417,6 +452,8 @@ def decode_unit(data: bytes, mode: str, fmt: str) -> dict[str, Any]:
         out[TOPK_VALUES] = np.asarray(rows.get(TOPK_VALUES, np.zeros((0, 0))), dtype=np.float32)
         out[TOPK_IDS] = np.asarray(rows.get(TOPK_IDS, np.zeros((0, 0))), dtype=np.int64)
         out[LOG_Z] = np.asarray(rows.get(LOG_Z, np.zeros(0)), dtype=np.float32)
+    if AUG in rows:
+        out[AUG] = np.asarray(rows[AUG], dtype=np.float32)
     return out
 
 

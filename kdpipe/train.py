@@ -161,7 +161,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             _inject_fault(config["inject_fault"], epoch, rank, config["run_uri"], config["storage_options"])
         alpha = schedule_value(config["alpha"], config["alpha_end"], config["schedule"], epoch, epochs)
         temperature = schedule_value(config["temperature"], config["temperature_end"], config["schedule"], epoch, epochs)
-        t0, rows, sums = time.time(), 0, {}
+        t0, rows, sums, replayed = time.time(), 0, {}, 0
+        views = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch * 1009 + rank)
         for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
                                                     local_shuffle_buffer_size=config["shuffle_buffer"],
                                                     local_shuffle_seed=config["seed"] * 1000 + epoch * 10 + rank):
@@ -171,6 +172,9 @@ def _train_loop(config: dict[str, Any]) -> None:
                         [t(p.normalise(batch[view])).float() for p, view, t in online], dim=1)
                 for _, view, _ in online:
                     batch.pop(view, None)
+            if batch["x"].dim() == 5:  # replayed augmentation: one of the cached views per sample
+                replayed = batch["x"].shape[1]
+                batch = pick_views(batch, views)
             batch["x"] = pre.normalise(batch["x"])
             parts = train_step(model, optimizer, batch, temperature, alpha, weights, loss_options, config["use_labels"])
             n = len(batch["x"])
@@ -179,7 +183,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                 sums[k] = sums.get(k, 0.0) + v * n
         t1 = time.time()
         metrics = {"epoch": epoch, "rows": rows, "samples_per_s": rows / max(1e-9, t1 - t0), "train_s": t1 - t0,
-                   "alpha": alpha, "temperature": temperature, "lr": optimizer.param_groups[0]["lr"]}
+                   "alpha": alpha, "temperature": temperature, "lr": optimizer.param_groups[0]["lr"],
+                   "replayed_views": replayed}
         metrics.update({k: v / max(1, rows) for k, v in sums.items()})
         if rank == 0:  # every rank holds the same weights after the DDP step
             if config["evaluate"]:
@@ -223,7 +228,7 @@ def _teacher_units(cfg: Config, fingerprint: str, specs: list[str]) -> list[dict
         lab = manifest["labels"]
         units.append({"teacher": spec, "directory": fs.unstrip_protocol(directory),
                       "storage_options": cfg.cache.storage_options, "mode": lab["mode"], "format": lab["format"],
-                      "k": lab.get("k"), "temperature": lab["temperature"],
+                      "k": lab.get("k"), "temperature": lab["temperature"], "augment": lab.get("augment"),
                       "records": {u["shard_id"]: u for u in manifest["units"]}})
     return units
 
@@ -235,6 +240,36 @@ def _common_k(units: list[dict[str, Any]]) -> int | None:
         raise ValueError(f"teachers {[u['teacher'] for u in units]} have top-k labels with different k {sorted(ks)}: "
                          "generate them with the same labels.k")
     return ks.pop() if ks else None
+
+
+def _replay_views(units: list[dict[str, Any]]) -> int:
+    """train.augment=replay: the number of augmented views every chosen teacher labelled (the same)."""
+    if not units:
+        raise ValueError("train.augment=replay replays the teachers' cached views: it needs distillation "
+                         "from cached labels (not --no-distill, not train.online)")
+    found = {u["teacher"]: u["augment"] for u in units}
+    missing = [t for t, a in found.items() if not a]
+    if missing:
+        raise ValueError(f"train.augment=replay: teacher(s) {missing} have no augmented views in the cache; "
+                         "generate with labels.views > 0 (e.g. --set labels.views=4)")
+    if len({json.dumps(a, sort_keys=True) for a in found.values()}) > 1:
+        raise ValueError(f"train.augment=replay: the teachers' views differ {found}: generate them together "
+                         "with one labels.views / view_seed / crop_scale / flip")
+    return int(next(iter(found.values()))["views"])
+
+
+def pick_views(batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Replayed augmentation: from rows carrying V views ([B, V, ...] entries), keep one random
+    view per sample, the same one for the image and for every teacher's labels."""
+    x = batch["x"]
+    rows, views = x.shape[:2]
+    pick = torch.randint(views, (rows,), generator=generator).to(x.device)
+    arange = torch.arange(rows, device=x.device)
+    out = dict(batch)
+    for key in ("x", "teacher_logits", "topk_ids", "topk_probs", "topk_tail"):
+        if key in batch:
+            out[key] = batch[key][arange, pick]
+    return out
 
 
 def train_student(cfg: Config, distill: bool = True, run_name: str | None = None) -> TrainReport:
@@ -274,20 +309,21 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
         raise ValueError("a temperature schedule needs full labels (labels.mode: full): top-k targets are "
                          "fixed at one temperature per teacher when they are read")
     temperatures = list(tr.teacher_temperatures) or [tr.temperature] * (len(units) or len(online_teachers))
+    replay = _replay_views(units) if distill and tr.augment == "replay" else 0
     for uri in (cfg.data.train, cfg.data.holdout, cfg.cache.root, tr.storage_path):
         storage.check_shared(uri)
     runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
-    data = {"temperatures": temperatures, "num_classes": cfg.data.num_classes, "topk_k": topk_k}
+    data = {"temperatures": temperatures, "num_classes": cfg.data.num_classes, "topk_k": topk_k, "replay": replay}
     pre = preprocess_for(cfg)
     holdout_shards = datasets.list_shards(cfg.data.holdout, source) if labelled else []
     views = {t["preprocess"].view(): t["preprocess"].geometry() for t in online_teachers}
     train_ds = student_dataset(source, shards, pre, units, data, views)
     datasets_ = {"train": train_ds}
     row_bytes = (int(np.prod(pre.image_shape)) + sum(int(np.prod(g["size"])) * g["channels"] for g in views.values())
-                 + 4 * len(units) * cfg.data.num_classes + 16)
+                 + 4 * len(units) * cfg.data.num_classes) * max(1, replay) + 16
     rows = sum(_rows_estimate(s, units) for s in shards) + sum(_rows_estimate(s, []) for s in holdout_shards)
     if holdout_shards:
-        datasets_["holdout"] = student_dataset(source, holdout_shards, pre, [], data)
+        datasets_["holdout"] = student_dataset(source, holdout_shards, pre, [], {**data, "replay": 0})
     if _preload(tr.preload, rows * row_bytes):
         # Small data: decode and join once, then every epoch reads from the object store.
         datasets_ = {k: v.materialize() for k, v in datasets_.items()}
@@ -299,7 +335,7 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
     name = run_name or (f"{tr.run}{'' if distill else '-alone'}" if tr.run else
                         f"{tr.name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_uri = storage.join(tr.storage_path, name)
-    run_config = _run_config(tr.storage_path, cfg.cache.storage_options, name, tr.max_failures)
+    run_config = _run_config(tr.storage_path, cfg.cache.storage_options, name, tr.max_failures, tr.keep_checkpoints)
     loop_config = {
         "student": tr.student, "num_classes": cfg.data.num_classes, "preprocess": pre,
         "epochs": tr.epochs, "batch_size": tr.batch_size, "lr": tr.lr, "weight_decay": tr.weight_decay,
@@ -378,14 +414,16 @@ def _preload(setting: str, estimated_bytes: int) -> bool:
     return estimated_bytes <= 0.1 * store
 
 
-def _run_config(storage_path: str, storage_options: dict[str, Any], name: str, max_failures: int):
+def _run_config(storage_path: str, storage_options: dict[str, Any], name: str, max_failures: int,
+                keep: int = 2):
     """Ray Train's run: checkpoints under <storage_path>/<name>; a rerun with the same name
     resumes from its last checkpoint; worker failures restart from it up to max_failures."""
     import ray.train
 
     fs, path = storage.filesystem(storage_path, storage_options)
     kwargs = {"name": name, "storage_path": path, "logging_config": ray.train.LoggingConfig(log_level="WARNING"),
-              "failure_config": ray.train.FailureConfig(max_failures=max_failures)}
+              "failure_config": ray.train.FailureConfig(max_failures=max_failures),
+              "checkpoint_config": ray.train.CheckpointConfig(num_to_keep=keep)}
     if not storage.is_local(fs):
         kwargs["storage_filesystem"] = storage.pyarrow_filesystem(fs)
     return ray.train.RunConfig(**kwargs)

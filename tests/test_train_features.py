@@ -24,8 +24,12 @@ def test_schedules_reach_their_ends():
 
 @pytest.fixture(scope="module")
 def cached(ray_cluster, digits_cfg):
-    generate.generate(digits_cfg, progress=False)
-    return digits_cfg
+    """The digits labelled by the three teachers, plain and in 2 augmented views per sample."""
+    cfg = copy.deepcopy(digits_cfg)
+    cfg.labels.views = 2
+    rep = generate.generate(cfg, progress=False)
+    assert rep.teacher_forward_passes == 3 * 899 * 3
+    return cfg
 
 
 def _scalars(data: bytes, tag: str) -> list[float]:
@@ -86,15 +90,16 @@ def test_experiment_settings_metrics_export_and_resume(cached, tmp_path):
     assert [h["attempt_start"] for h in second.history] == [0, 0, 2, 2]
 
 
-def test_label_free_training_survives_a_killed_worker(cached, tmp_path):
+def test_label_free_training_on_replayed_views_survives_a_killed_worker(cached, tmp_path):
     cfg = copy.deepcopy(cached)
     cfg.train.storage_path = str(tmp_path / "runs")
     tr = cfg.train
     tr.run, tr.epochs, tr.checkpoint_every = "faulty", 3, 1
-    tr.use_labels, tr.alpha = False, 1.0
+    tr.use_labels, tr.alpha, tr.augment = False, 1.0, "replay"
     tr.inject_fault = "worker_exit:epoch=1:rank=1"
     rep = train.train_student(cfg, distill=True)
     assert [h["epoch"] for h in rep.history] == [0, 1, 2]
+    assert all(h["replayed_views"] == 2 for h in rep.history)  # one of 2 cached views per sample and epoch
     assert [h["attempt_start"] for h in rep.history] == [0, 1, 1]  # resumed after epoch 0's checkpoint
     assert all("ce" not in h and h["kd"] > 0 for h in rep.history)  # no ground truth used
     assert (tmp_path / "runs" / "faulty" / "_fault_injected").exists()
