@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train.teachers (no teacher is run), and evaluate on data.holdout.")
     _add_config_args(p, config_required=True)
     p.add_argument("--no-distill", action="store_true", help="train on labels alone (the baseline)")
+    p = sub.add_parser("regenerate", help="relabel only what changed (teachers, inputs); move the latest refs",
+                       description="Compare the current teachers (checkpoint digests; a `registry` file if the "
+                                   "config names one) and input shards with the cache, print the plan (which "
+                                   "units are missing or stale and why), label only those, then move "
+                                   "refs/<teacher>.json. Nothing changed: nothing runs. A second regenerate on "
+                                   "the same cache yields while the first holds its lease.")
+    _add_config_args(p, config_required=True)
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--every", default=None, metavar="DURATION",
+                   help="repeat on a schedule, e.g. 30m, 6h, 1d (re-reads the config each cycle)")
+    p.add_argument("--cycles", type=int, default=0, help="with --every: stop after N cycles (default: run forever)")
     p = sub.add_parser("export", help="export a trained student to TorchScript / ONNX (optionally int8)",
                        description="Export the latest checkpoint of a run (<train.storage_path>/RUN) to "
                                    "TorchScript and ONNX, with normalisation built in, and check each "
@@ -81,6 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copies", type=int, default=4, help="copies of the 1,797 digits (default 4)")
     p.add_argument("--upsample", type=int, default=4, help="image side = 8 x upsample (default 32 px)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = bench_sub.add_parser(
+        "student", help="student samples/s: cached labels vs plain training vs teachers in memory",
+        description="Train the demo's student on the same Ray Train path three ways, alternating: labels only, "
+                    "distilled from three teachers' cached labels, and distilled with the teachers in memory "
+                    "(online). Prints samples/s (median, min-max), cached/plain and cached/online.")
+    p.add_argument("--workdir", default=None, help="where data, teachers and cache live (default: a temporary folder)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value of the demo config (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p = bench_sub.add_parser(
+        "quality", help="held-out accuracy over seeds: alone, distilled, online, top-3",
+        description="On the built-in digits with the demo's settings, train the student per seed alone, distilled "
+                    "from full cached labels, distilled online (teachers in memory) and from top-3 labels; print "
+                    "mean, spread and the paired differences.")
+    p.add_argument("--workdir", default=None, help="where data, teachers and cache live (default: a temporary folder)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds (default 0,1,2)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value of the demo config (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     cache = sub.add_parser("cache", help="inspect, verify and clean the soft-label cache",
@@ -159,6 +192,8 @@ def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "bench" and args.bench_command == "stream":
             return _bench_stream(args)
+        if args.command == "bench" and args.bench_command in ("student", "quality"):
+            return _bench_student(args)
         if args.command == "bench":
             from kdpipe.bench import format_storage, storage_figures
 
@@ -196,6 +231,42 @@ def _bench_stream(args: argparse.Namespace) -> int:
         result["remote_uri"] = "SeaweedFS S3 on 127.0.0.1 (weed mini)"
     _emit(args, result, format_stream(result))
     return 0
+
+
+def _bench_student(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from kdpipe import bench_student as b
+
+    with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as tmp:
+        workdir = args.workdir or tmp
+        if args.bench_command == "student":
+            result = b.student_throughput(workdir, args.repeats, args.epochs, args.overrides)
+            text = b.format_throughput(result)
+        else:
+            seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+            result = b.quality(workdir, seeds, args.overrides)
+            text = b.format_quality(result)
+    _emit(args, result, text)
+    return 0
+
+
+def _regenerate(args: argparse.Namespace, cfg: Config, progress: bool) -> int:
+    from kdpipe import regenerate
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr)
+
+    if args.every is None:
+        result = regenerate.regenerate(cfg, dry_run=args.dry_run, progress=progress, say=say)
+        _emit(args, result, f"regenerate: {result['status']} ({result['seconds']:.1f} s"
+                            + (f", {result['teacher_forward_passes']} teacher forward passes" if "generate" in result
+                               else "") + ")")
+        return 0
+    every = regenerate.parse_duration(args.every)
+    results = regenerate.run_every(lambda: _config(args), every, args.cycles, args.dry_run, progress, say)
+    _emit(args, {"cycles": results}, "\n".join(f"cycle {r['cycle']}: {r['status']}" for r in results))
+    return 1 if any(r["status"] == "failed" for r in results) else 0
 
 
 def _export_text(record: dict) -> str:
@@ -248,6 +319,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
                          f"held-out accuracy {rep.holdout_accuracy:.4f}\nrun {rep.run}: {rep.storage} "
                          "(checkpoints, metrics.jsonl, tensorboard/, curves.png)" + _export_text(rep.export))
         return 0
+    if args.command == "regenerate":
+        return _regenerate(args, cfg, progress)
     if args.command == "export":
         from kdpipe import export, storage
 

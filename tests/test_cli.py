@@ -19,7 +19,7 @@ def kdpipe(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["generate"], ["train"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["generate"], ["train"], ["regenerate"], ["bench", "student"]])
 def test_help(command):
     out = kdpipe(*command, "--help", timeout=60)
     assert out.returncode == 0 and "usage: kdpipe" in out.stdout
@@ -56,15 +56,20 @@ def test_demo_end_to_end_then_reuses_cache(tmp_path):
         with open(figure, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
-    second = kdpipe("demo", "--json", "--quiet", "--workdir", str(tmp_path), *FAST)
-    assert second.returncode == 0, second.stderr[-3000:]
-    again = json.loads(second.stdout)
-    assert again["teacher_forward_passes"] == 0
-    assert again["teachers_trained"] == []
-    assert again["teachers"] == result["teachers"]
+    # A config file describing the same data and teachers finds everything committed: the
+    # scheduled regeneration has nothing to do (and starts no Ray).
+    cfg = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "digits.yaml")
+    refs = (tmp_path / "cache" / "refs" / "cnn.json").read_bytes()
+    dry = kdpipe("regenerate", cfg, "--json", "--dry-run", "--workdir", str(tmp_path))
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    plan = json.loads(dry.stdout)["plan"]
+    assert plan["up_to_date"] and plan["units_to_label"] == 0 and "up to date: nothing to do" in dry.stderr
+    again = kdpipe("regenerate", cfg, "--json", "--quiet", "--workdir", str(tmp_path), "--every", "1s", "--cycles", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [c["status"] for c in json.loads(again.stdout)["cycles"]] == ["up-to-date", "up-to-date"]
+    assert (tmp_path / "cache" / "refs" / "cnn.json").read_bytes() == refs  # nothing moved
 
     # The same cache serves `kdpipe train` from a config file, with overrides.
-    cfg = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "digits.yaml")
     out = kdpipe("train", cfg, "--json", "--quiet", "--workdir", str(tmp_path), "--set", "train.epochs=2",
                  "--set", "train.teachers=[cnn, wide_cnn]", "--set", "train.alpha=0.5")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -65,6 +65,9 @@ def test_stored_soft_labels_equal_teacher_forward(digits_cfg, generated):
 
 
 def test_rerun_reuses_everything(digits_cfg, generated):
+    from kdpipe.demo import ensure_teachers
+
+    assert ensure_teachers(digits_cfg, progress=False) == []  # checkpoints exist: no teacher retrained
     again = generate.generate(digits_cfg, progress=False)
     assert again.teacher_forward_passes == 0
     assert all(r.units_written == 0 for r in again.teachers.values())
@@ -130,19 +133,24 @@ def test_new_input_shard_labels_only_that_shard(ray_cluster, digits_cfg, tmp_pat
     extra = extra.set_column(0, "sample_key", pa.array([f"extra-{i:04d}" for i in range(37)]))
     pq.write_table(extra, str(tmp_path / "train" / "train-99999.parquet"))
 
-    second = generate.generate(cfg, progress=False)
-    assert second.fingerprint != first.fingerprint
+    from kdpipe import regenerate
+
+    result = regenerate.regenerate(cfg, progress=False)
     for name in ("mlp", "cnn"):
-        r = second.teachers[name]
-        assert (r.units_written, r.units_reused, r.rows_labelled) == (1, 4, 37)
-    assert second.teacher_forward_passes == 2 * 37
+        planned = result["plan"]["teachers"][name]
+        assert [i["reason"] for i in planned["todo"]] == ["new input shard"] and planned["units_reused"] == 4
+        r = result["generate"]["teachers"][name]
+        assert (r["units_written"], r["units_reused"], r["rows_labelled"]) == (1, 4, 37)
+    assert result["teacher_forward_passes"] == 2 * 37
+    second = generate.generate(cfg, progress=False)
+    assert second.fingerprint != first.fingerprint and second.teacher_forward_passes == 0
     fs, _ = storage.filesystem(cfg.cache.root)
     manifest = storage.read_json(fs, storage.join(second.teachers["cnn"].directory, cache.MANIFEST))
     assert manifest["rows"] == 899 + 37 and len(manifest["units"]) == 5
     assert len({u["dir"] for u in manifest["units"]}) == 2  # 4 units borrowed, 1 new
 
-    third = generate.generate(cfg, progress=False)
-    assert third.teacher_forward_passes == 0 and all(r.units_reused == 0 for r in third.teachers.values())
+    assert all(r.units_reused == 0 for r in second.teachers.values())
+    assert regenerate.regenerate(cfg, progress=False)["status"] == "up-to-date"
 
     rep = train.train_student(cfg, distill=True)
     assert rep.history[-1]["rows"] * cfg.train.num_workers == 899 + 37
@@ -152,27 +160,48 @@ def test_new_input_shard_labels_only_that_shard(ray_cluster, digits_cfg, tmp_pat
     assert len(entries) == 4 and cache.garbage(entries, 0) == []
 
 
-def test_changed_checkpoint_regenerates_only_that_teacher_and_pins_still_train(ray_cluster, digits_cfg, tmp_path):
-    from kdpipe import train
+def test_regenerate_after_a_checkpoint_change_relabels_only_that_teacher_and_pins_still_train(
+        ray_cluster, digits_cfg, tmp_path):
+    from kdpipe import regenerate, train
     from kdpipe.demo import fit_classifier
     from kdpipe.teachers import save_checkpoint
 
     cfg = copy.deepcopy(digits_cfg)
     cfg.cache.root = str(tmp_path / "cache")
-    first = generate.generate(cfg, progress=False)
-    old_cnn = first.teachers["cnn"].digest
+    first = regenerate.regenerate(cfg, progress=False)
+    assert first["status"] == "done" and first["teacher_forward_passes"] == 3 * 899
+    assert {i["reason"] for t in first["plan"]["teachers"].values() for i in t["todo"]} == {"new teacher (no labels yet)"}
+    old_cnn = first["plan"]["teachers"]["cnn"]["digest"]
+    fs, root = storage.filesystem(cfg.cache.root)
+    refs = {n: cache.read_ref(fs, root, n) for n in ("mlp", "cnn", "wide_cnn")}
+
+    nothing = regenerate.regenerate(cfg, progress=False)  # nothing changed: nothing runs, no ref moves
+    assert nothing["status"] == "up-to-date" and "generate" not in nothing
+    assert {n: cache.read_ref(fs, root, n) for n in refs} == refs
 
     d = cfg.data
     _, x, y = datasets.load_split(d.train, datasets.source_spec(d), config.preprocess_for(cfg))
     cfg.teachers[1].checkpoint = str(tmp_path / "cnn-v2.pt")
     save_checkpoint(fit_classifier("cnn", x, y, 10, 2, seed=99), cfg.teachers[1].checkpoint, {}, "cnn", 10, {})
-    second = generate.generate(cfg, progress=False)
-    assert second.teachers["cnn"].digest != old_cnn
-    assert second.teachers["cnn"].units_written == len(datasets.list_shards(d.train, datasets.source_spec(d)))
-    assert second.teachers["mlp"].units_written == 0 and second.teachers["wide_cnn"].units_written == 0
-    assert second.teacher_forward_passes == 899
-    fs, root = storage.filesystem(cfg.cache.root)
-    assert cache.read_ref(fs, root, "cnn")["digest"] == second.teachers["cnn"].digest
+    plan = regenerate.regenerate(cfg, dry_run=True, progress=False)["plan"]["teachers"]
+    assert {n: len(t["todo"]) for n, t in plan.items()} == {"mlp": 0, "cnn": 4, "wide_cnn": 0}
+    assert all(i["reason"].startswith("checkpoint changed") for i in plan["cnn"]["todo"])
+    assert cache.read_ref(fs, root, "cnn") == refs["cnn"]  # a dry run changes nothing
+
+    held = regenerate.Lease(fs, root, 60)
+    assert held.acquire() is None
+    yielded = regenerate.regenerate(cfg, progress=False)  # another holds the lease: this one yields
+    assert yielded["status"] == "yielded" and yielded["holder"] == held.owner
+    held.release()
+
+    second = regenerate.regenerate(cfg, progress=False)
+    assert second["status"] == "done" and second["teacher_forward_passes"] == 899  # only cnn ran
+    units = {n: t["units_written"] for n, t in second["generate"]["teachers"].items()}
+    assert units == {"mlp": 0, "cnn": 4, "wide_cnn": 0}
+    new_ref = cache.read_ref(fs, root, "cnn")
+    assert new_ref["digest"] != old_cnn and new_ref["previous"] == old_cnn
+    assert cache.read_ref(fs, root, "mlp") == refs["mlp"]
+    assert not fs.exists(f"{root}/{regenerate.LOCK}")  # released
 
     cfg.train.teachers = [f"cnn@{old_cnn}"]  # pinned: the old labels, still committed
     cfg.train.epochs = 1
@@ -207,14 +236,64 @@ def test_one_teachers_label_settings_change_regenerates_only_it(ray_cluster, dig
     cfg.cache.root = str(tmp_path / "cache")
     cfg.teachers = cfg.teachers[:2]
     generate.generate(cfg, progress=False)
-    cfg.teachers[1].labels = {"mode": "topk", "k": 4, "dtype": "float32"}
+    cfg.teachers[1].labels = {"mode": "topk", "k": 4, "dtype": "float32", "format": "webdataset"}
     rep = generate.generate(cfg, progress=False)
     assert rep.teachers["mlp"].units_written == 0
     assert rep.teachers["cnn"].units_written == 4 and rep.teachers["cnn"].rows_labelled == 899
     fs, _ = storage.filesystem(cfg.cache.root)
     manifest = storage.read_json(fs, storage.join(rep.teachers["cnn"].directory, cache.MANIFEST))
     assert (manifest["labels"]["mode"], manifest["labels"]["k"], manifest["labels"]["dtype"]) == ("topk", 4, "float32")
-    # A student mixing a full teacher and a top-k teacher trains on both.
+    assert manifest["units"][0]["part"].endswith(".tar")
+    # A student mixing a full Parquet teacher and a top-k WebDataset teacher trains on both.
     cfg.train.epochs = 1
     out = train.train_student(cfg, distill=True)
     assert out.teachers == ["mlp", "cnn"] and out.history[-1]["kd"] > 0
+
+
+def test_regenerate_every_rereads_the_teacher_registry(digits_cfg, generated, tmp_path):
+    """A scheduled dry-run loop over a config whose teachers live in a registry file: when the
+    registry points a teacher at a new checkpoint, the next cycle plans that teacher's units."""
+    import yaml
+
+    from kdpipe import regenerate
+
+    registry = tmp_path / "teachers.yaml"
+    teachers = [{"name": t.name, "arch": t.arch, "checkpoint": t.checkpoint} for t in digits_cfg.teachers]
+    registry.write_text(yaml.safe_dump({"teachers": teachers}))
+    raw = config.to_dict(digits_cfg)
+    raw["teachers"], raw["registry"] = [], str(registry)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    from kdpipe.teachers import save_checkpoint
+
+    moved = tmp_path / "mlp-v2.pt"  # the same weights re-saved with other metadata: other bytes, a new digest
+    mlp = load_teacher("mlp", "mlp", teachers[0]["checkpoint"], {}, 10, (1, 8, 8))
+    save_checkpoint(mlp, str(moved), {}, "mlp", 10, {"release": 2})
+
+    def between_cycles(seconds):
+        teachers[0]["checkpoint"] = str(moved)
+        registry.write_text(yaml.safe_dump({"teachers": teachers}))
+
+    said = []
+    cycles = regenerate.run_every(lambda: config.resolve_paths(config.load_config(str(path))), 3600, cycles=2,
+                                  dry_run=True, say=said.append, sleep=between_cycles)
+    first, second = (c["plan"]["teachers"] for c in cycles)
+    assert all(c["status"] == "dry-run" for c in cycles)
+    assert {n: len(t["todo"]) for n, t in first.items()} == {"mlp": 0, "cnn": 0, "wide_cnn": 0}
+    assert {n: len(t["todo"]) for n, t in second.items()} == {"mlp": 4, "cnn": 0, "wide_cnn": 0}
+    assert second["mlp"]["todo"][0]["reason"].startswith("checkpoint changed")
+    assert any("mlp" in line and "checkpoint changed" in line for line in said)
+
+
+def test_registry_and_teachers_list_do_not_mix(tmp_path):
+    registry = tmp_path / "teachers.yaml"
+    registry.write_text("teachers:\n  - {name: a, arch: mlp}\n")
+    cfg = config.load_config(None, ["teachers=[]", f"registry={registry}"])
+    assert [t.name for t in cfg.teachers] == ["a"] and "teachers: []" in config.dump_config(cfg)
+    with pytest.raises(config.ConfigError, match="both `registry"):
+        config.load_config(None, [f"registry={registry}"])  # the default teachers are still listed
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        config.load_config(None, ["teachers=[]", f"registry={tmp_path / 'missing.yaml'}"])
+    registry.write_text("teachers:\n  - {name: a, arch: mlp, colour: red}\n")
+    with pytest.raises(config.ConfigError, match=r"teachers\[0\].colour"):
+        config.load_config(None, ["teachers=[]", f"registry={registry}"])

@@ -43,12 +43,6 @@ def test_distilled_training_runs_without_any_teacher(cached, tmp_path):
     assert any("checkpoint" in p for p in fs.ls(path))
 
 
-def test_baseline_trains_on_labels_alone(cached):
-    rep = train.train_student(cached, distill=False)
-    assert rep.teachers == []
-    assert "kd" not in rep.history[-1] and rep.history[-1]["ce"] > 0
-
-
 def _first_unit(cfg):
     fs, root = storage.filesystem(cfg.cache.root)
     ref = cache.read_ref(fs, root, "cnn")
