@@ -206,6 +206,13 @@ def _main(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, PermissionError, ValueError) as e:
         print(f"kdpipe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from kdpipe.storage import NO_CREDENTIALS_HINT, missing_credentials
+
+        if not missing_credentials(e):
+            raise
+        print(f"kdpipe {args.command}: error: {NO_CREDENTIALS_HINT}", file=sys.stderr)
+        return 2
 
 
 def _bench_stream(args: argparse.Namespace) -> int:

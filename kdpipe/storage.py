@@ -29,6 +29,26 @@ def access_denied(uri: str, error: Exception) -> PermissionError:
                            "(environment, profile or storage_options) and the endpoint")
 
 
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError")
+
+
+def missing_credentials(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps) says that no storage credentials were found (botocore's
+    NoCredentialsError, google-auth's DefaultCredentialsError, ...)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(c.__name__ in _NO_CREDENTIALS for c in type(error).__mro__):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+NO_CREDENTIALS_HINT = ("no storage credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                       "(or AWS_PROFILE), GOOGLE_APPLICATION_CREDENTIALS for gs://, or the storage_options of "
+                       "the config (data.storage_options, cache.storage_options)")
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 

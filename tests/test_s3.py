@@ -123,6 +123,10 @@ def test_cache_commands_with_credentials_from_environment_and_profile(s3_cfg, s3
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert {e["teacher"] for e in json.loads(listed.stdout)["caches"] if e["latest"]} == {"mlp", "cnn", "wide_cnn"}
 
+    missing = run(base, "ls")  # no credentials anywhere
+    assert missing.returncode == 2 and "no storage credentials were found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
     denied = run({**env, "AWS_SECRET_ACCESS_KEY": "wrong-secret-000"}, "ls")
     assert denied.returncode == 2 and f"access to '{root}" in denied.stderr and "denied" in denied.stderr
     assert "wrong-secret-000" not in denied.stdout + denied.stderr
