@@ -333,7 +333,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
 
         x, y = export.holdout_pixels(cfg)
         record = export.export_student(storage.join(cfg.train.storage_path, args.run), cfg.cache.storage_options,
-                                       x, y, tuple(f for f in args.formats.split(",") if f), args.int8)
+                                       x, y, tuple(f for f in args.formats.split(",") if f), args.int8,
+                                       cfg.allow_import)
         _emit(args, record, _export_text(record).strip())
         return 0
     raise AssertionError(args.command)

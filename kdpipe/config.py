@@ -154,6 +154,9 @@ class Config:
     # A teacher registry: the URI of a YAML file whose `teachers:` list (same keys as below) replaces
     # this config's `teachers`. Read on every load, so `kdpipe regenerate --every` sees changes.
     registry: str = ""
+    # Architectures given as "package.module:function" import and run that module's code: they
+    # are refused unless this is true (only for code you trust).
+    allow_import: bool = False
     ray: RayConfig = field(default_factory=RayConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -211,6 +214,11 @@ def validate(cfg: Config) -> None:
         raise bad("data.class_names", data.class_names, f"give data.num_classes={data.num_classes} names")
     _validate_preprocess(vars(data), "data", bad)
     names = [t.name for t in cfg.teachers]
+    if not cfg.allow_import:
+        for key, arch in [(f"teachers[{i}].arch", t.arch) for i, t in enumerate(cfg.teachers)] + [("train.student", tr.student)]:
+            if ":" in (arch or ""):
+                raise bad(key, arch, "a module:function architecture imports and runs that module's code: "
+                                     "set `allow_import: true` at the top of the config to allow it")
     for i, t in enumerate(cfg.teachers):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t.name or ""):
             raise bad(f"teachers[{i}].name", t.name, "use letters, digits, '_', '-', '.'")

@@ -52,12 +52,12 @@ def _shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def fit_classifier(arch: str, x: np.ndarray, y: np.ndarray, num_classes: int, epochs: int, seed: int,
                    lr: float = 3e-3, batch_size: int = 64, augment: bool = False,
-                   progress: str | None = None) -> torch.nn.Module:
+                   progress: str | None = None, allow_import: bool = False) -> torch.nn.Module:
     """Plain supervised PyTorch training on in-memory data (how the demo makes its teachers).
     x: [N, *input_shape] float32; y: [N] int64."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = build_model(arch, num_classes, tuple(x.shape[1:]))
+    model = build_model(arch, num_classes, tuple(x.shape[1:]), allow_import)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     for _ in tqdm(range(epochs), desc=progress or f"train {arch}", unit="epoch", disable=progress is None):
@@ -99,7 +99,7 @@ def ensure_teachers(cfg: Config, progress: bool = True) -> list[str]:
         if y is None or yh is None:
             raise ValueError(f"teacher {t.name!r}: training a teacher needs labels; data.label_column is null")
         model = fit_classifier(t.arch, x, y, d.num_classes, t.train_epochs, t.train_seed,
-                               progress=f"teacher {t.name}" if progress else None)
+                               progress=f"teacher {t.name}" if progress else None, allow_import=cfg.allow_import)
         metrics = {"holdout_accuracy": accuracy(model, xh, yh), "train_rows": len(y), "holdout_rows": len(yh)}
         teachers.save_checkpoint(model, t.checkpoint, cfg.cache.storage_options, t.arch, d.num_classes, metrics)
         log.info("teacher %s: held-out accuracy %.4f -> %s", t.name, metrics["holdout_accuracy"], t.checkpoint)

@@ -53,23 +53,23 @@ def latest_checkpoint(run_uri: str, storage_options: dict[str, Any]) -> tuple[st
     raise FileNotFoundError(f"run {run_uri!r} holds no checkpoint with state.pt: was it trained to the end?")
 
 
-def load_student(state: dict[str, Any]) -> tuple[Normalised, tuple[int, ...]]:
+def load_student(state: dict[str, Any], allow_import: bool = False) -> tuple[Normalised, tuple[int, ...]]:
     pre = state["preprocess"]
-    model = build_model(state["arch"], int(state["num_classes"]), tuple(pre["image_shape"]))
+    model = build_model(state["arch"], int(state["num_classes"]), tuple(pre["image_shape"]), allow_import)
     model.load_state_dict(state["student"])
     shape = tuple(pre["image_shape"])
     return Normalised(model.eval(), pre["scale"], pre["mean"], pre["std"], shape[0]).eval(), shape
 
 
 def export_student(run_uri: str, storage_options: dict[str, Any], x: np.ndarray | None, y: np.ndarray | None,
-                   formats: tuple[str, ...] = FORMATS, int8: bool = False) -> dict[str, Any]:
+                   formats: tuple[str, ...] = FORMATS, int8: bool = False, allow_import: bool = False) -> dict[str, Any]:
     """Export the run's latest checkpoint; x: float32 raw pixels [N, C, H, W] and y [N] to check
     the exported models on (None: no check). Returns what export.json records."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"export formats {unknown}: use {', '.join(FORMATS)}")
     checkpoint, state = latest_checkpoint(run_uri, storage_options)
-    module, shape = load_student(state)
+    module, shape = load_student(state, allow_import)
     fs, run = storage.filesystem(run_uri, storage_options)
     out_dir = storage.join(run, "export")
     example = torch.zeros(2, *shape)

@@ -83,7 +83,7 @@ def inspect_teachers(cfg: Config) -> list[TeacherInfo]:
     for t in cfg.teachers:
         pre = preprocess_for(cfg, t.name)
         infos.append(inspect_teacher(t.name, t.arch, t.checkpoint, cfg.cache.storage_options, cfg.data.num_classes,
-                                     pre.image_shape, pre.spec()))
+                                     pre.image_shape, pre.spec(), cfg.allow_import))
     return infos
 
 
@@ -212,7 +212,7 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[datasets.Inp
                 "storage_options": cfg.cache.storage_options, "num_classes": cfg.data.num_classes,
                 "preprocess": pre[t.name], "view": pre[t.name].view(),
                 "shard_ids": None if len(todo[t.name]) == len(shards) else todo[t.name],
-                "num_threads": plan.threads,
+                "num_threads": plan.threads, "allow_import": cfg.allow_import,
             },
             batch_size=t.batch_size,
             compute=ray.data.ActorPoolStrategy(size=plan.pool_size),

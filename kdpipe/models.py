@@ -12,6 +12,23 @@ from torch import nn
 BUILTIN_ARCHS = ("mlp", "cnn", "wide_cnn", "small_mlp", "tiny_mlp", "tiny_cnn", "linear")
 
 
+def _imported(arch: str, num_classes: int, input_shape: tuple[int, ...], allow_import: bool) -> nn.Module:
+    import importlib
+
+    module, _, function = arch.partition(":")
+    if not allow_import:
+        raise ValueError(f"architecture {arch!r} imports module {module!r} and runs its code: set "
+                         "`allow_import: true` at the top of the config to allow it (only for code you trust)")
+    try:
+        fn = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"architecture {arch!r}: cannot import {function!r} from {module!r} ({e})") from e
+    model = fn(num_classes, tuple(input_shape))
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"architecture {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def _mlp(in_features: int, hidden: list[int], num_classes: int, dropout: float) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
@@ -35,12 +52,16 @@ def _cnn(channels: int, widths: tuple[int, int], hidden: int, num_classes: int) 
     )
 
 
-def build_model(arch: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+def build_model(arch: str, num_classes: int, input_shape: tuple[int, ...], allow_import: bool = False) -> nn.Module:
     """Build an untrained classifier mapping [B, *input_shape] to logits [B, num_classes].
 
-    `arch` is a kdpipe built-in (see BUILTIN_ARCHS) or a torchvision model name
-    (e.g. "resnet18"), which is built with random weights: kdpipe never downloads weights.
+    `arch` is a kdpipe built-in (see BUILTIN_ARCHS), a torchvision model name (e.g. "resnet18"),
+    built with random weights (kdpipe never downloads weights), or "package.module:function",
+    called as function(num_classes, input_shape) -> nn.Module. That imports and runs the module's
+    code, so it needs the explicit opt-in `allow_import` (the config's top-level allow_import).
     """
+    if ":" in arch:
+        return _imported(arch, num_classes, input_shape, allow_import)
     channels = input_shape[0]
     in_features = 1
     for d in input_shape:

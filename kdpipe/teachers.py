@@ -76,12 +76,13 @@ def _fit_state_dict(name: str, uri: str, arch: str, model: torch.nn.Module,
 
 
 def inspect_teacher(name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
-                    num_classes: int, input_shape: tuple[int, ...], preprocessing: dict[str, Any]) -> TeacherInfo:
+                    num_classes: int, input_shape: tuple[int, ...], preprocessing: dict[str, Any],
+                    allow_import: bool = False) -> TeacherInfo:
     """Validate a teacher without running it and compute its digest."""
     data = read_checkpoint_bytes(name, checkpoint, storage_options)
     state_dict, meta = parse_checkpoint(name, checkpoint, data)
     with torch.device("meta"):
-        model = build_model(arch, num_classes, input_shape)
+        model = build_model(arch, num_classes, input_shape, allow_import)
     meta_sd = {k: torch.empty_like(v, device="meta") for k, v in state_dict.items()}
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(meta_sd)), sorted(set(meta_sd) - expected)
@@ -113,11 +114,11 @@ def inspect_teacher(name: str, arch: str, checkpoint: str, storage_options: dict
 
 
 def load_teacher(name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
-                 num_classes: int, input_shape: tuple[int, ...]) -> torch.nn.Module:
+                 num_classes: int, input_shape: tuple[int, ...], allow_import: bool = False) -> torch.nn.Module:
     """The teacher in eval mode on the CPU, weights loaded (weights_only=True)."""
     data = read_checkpoint_bytes(name, checkpoint, storage_options)
     state_dict, _ = parse_checkpoint(name, checkpoint, data)
-    model = build_model(arch, num_classes, input_shape)
+    model = build_model(arch, num_classes, input_shape, allow_import)
     try:
         _fit_state_dict(name, checkpoint, arch, model, state_dict, assign=False)
     except RuntimeError as e:
@@ -153,7 +154,7 @@ class TeacherPredictor:
 
     def __init__(self, name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
                  num_classes: int, preprocess: Preprocess, view: str, shard_ids: list[str] | None,
-                 num_threads: int = 1, device: str = "auto") -> None:
+                 num_threads: int = 1, device: str = "auto", allow_import: bool = False) -> None:
         torch.set_num_threads(max(1, num_threads))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -163,7 +164,7 @@ class TeacherPredictor:
         self.shard_ids = None if shard_ids is None else set(shard_ids)
         self.preprocess, self.view = preprocess, view
         self.model = load_teacher(name, arch, checkpoint, storage_options, num_classes,
-                                  preprocess.image_shape).to(self.device)
+                                  preprocess.image_shape, allow_import).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = batch[self.view]

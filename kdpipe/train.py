@@ -37,6 +37,14 @@ class TrainReport:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     export: dict[str, Any] = field(default_factory=dict)
+    started_at: float = 0.0  # wall clock when train_student was called
+
+    @property
+    def seconds_to_first_step(self) -> float:
+        """From the call to the first optimiser step of the first epoch (cache lookup, data
+        pipeline, worker start-up): what a user waits before anything trains."""
+        first = self.history[0].get("first_step_at") if self.history else None
+        return float("nan") if first is None else first - self.started_at
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
@@ -135,7 +143,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     pre = config["preprocess"]
-    model = build_model(config["student"], config["num_classes"], pre.image_shape)
+    model = build_model(config["student"], config["num_classes"], pre.image_shape, config["allow_import"])
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     weights = torch.tensor(config["weights"]) if config["weights"] else None
@@ -152,10 +160,11 @@ def _train_loop(config: dict[str, Any]) -> None:
     sink = MetricsSink(config["run_uri"], config["storage_options"]) if rank == 0 else None
     online = [(t["preprocess"], t["preprocess"].view(),
                load_teacher(t["name"], t["arch"], t["checkpoint"], config["storage_options"], config["num_classes"],
-                            t["preprocess"].image_shape).to(device)) for t in config["online_teachers"]]
+                            t["preprocess"].image_shape, config["allow_import"]).to(device)) for t in config["online_teachers"]]
     train_shard = ray.train.get_dataset_shard("train")
     every, epochs = config["checkpoint_every"], config["epochs"]
     loss_options = config["loss_options"]
+    first_step_at = None  # wall clock of this attempt's first optimiser step (time to first step)
     for epoch in range(start_epoch, epochs):
         if config["inject_fault"]:
             _inject_fault(config["inject_fault"], epoch, rank, config["run_uri"], config["storage_options"])
@@ -177,6 +186,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 batch = pick_views(batch, views)
             batch["x"] = pre.normalise(batch["x"])
             parts = train_step(model, optimizer, batch, temperature, alpha, weights, loss_options, config["use_labels"])
+            first_step_at = first_step_at or time.time()
             n = len(batch["x"])
             rows += n
             for k, v in parts.items():
@@ -184,7 +194,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         t1 = time.time()
         metrics = {"epoch": epoch, "rows": rows, "samples_per_s": rows / max(1e-9, t1 - t0), "train_s": t1 - t0,
                    "alpha": alpha, "temperature": temperature, "lr": optimizer.param_groups[0]["lr"],
-                   "replayed_views": replayed}
+                   "replayed_views": replayed, "first_step_at": first_step_at}
         metrics.update({k: v / max(1, rows) for k, v in sums.items()})
         if rank == 0:  # every rank holds the same weights after the DDP step
             if config["evaluate"]:
@@ -348,7 +358,7 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
         "checkpoint_every": tr.checkpoint_every, "evaluate": bool(holdout_shards),
         "run_uri": run_uri, "storage_options": cfg.cache.storage_options, "inject_fault": tr.inject_fault,
         "online_teachers": online_teachers,
-        "threads": max(1, int(per_worker)),
+        "threads": max(1, int(per_worker)), "allow_import": cfg.allow_import,
     }
     trainer = TorchTrainer(
         _train_loop,
@@ -365,7 +375,7 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
     final = history[-1] if history else dict(result.metrics or {})
     report = TrainReport(run=name, storage=run_uri, teachers=specs,
                          holdout_accuracy=float(final.get("holdout_accuracy", float("nan"))),
-                         history=history, seconds=round(time.time() - started, 2))
+                         history=history, seconds=round(time.time() - started, 2), started_at=started)
     if history:
         from kdpipe import plots
 
@@ -376,7 +386,7 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
 
         x, y = export.holdout_pixels(cfg) if labelled else (None, None)
         report.export = export.export_student(run_uri, cfg.cache.storage_options, x, y, tuple(tr.export),
-                                              tr.export_int8)
+                                              tr.export_int8, cfg.allow_import)
     return report
 
 

@@ -86,3 +86,53 @@ def test_predictor_matches_direct_forward_and_masks_other_shards(tmp_path):
         direct = model.eval()((torch.from_numpy(x).float() / 16 - 0.5) / 0.25).numpy()
     assert np.allclose(out[logits_column("t")][mask], direct[mask], atol=1e-5)
     assert not out[logits_column("t")][~mask].any()
+
+
+USER_MODULE = '''
+import pathlib
+import torch
+
+pathlib.Path(__file__).with_name("imported.marker").write_text("this module's code ran")
+
+
+def build(num_classes, input_shape):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], num_classes))
+
+
+def not_a_model(num_classes, input_shape):
+    return "a string"
+'''
+
+
+def test_module_function_teachers_need_the_explicit_opt_in(tmp_path, monkeypatch):
+    from kdpipe.config import ConfigError, load_config
+    from kdpipe.export import load_student
+    from kdpipe.teachers import load_teacher
+
+    (tmp_path / "kd_user_models.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    arch = "kd_user_models:build"
+    with pytest.raises(ConfigError, match=r"teachers\[0\].arch='kd_user_models:build'.*allow_import: true"):
+        load_config(None, [f"teachers.0.arch={arch}"])
+    with pytest.raises(ConfigError, match=r"train.student.*allow_import"):
+        load_config(None, [f"train.student={arch}"])
+    assert load_config(None, [f"teachers.0.arch={arch}", "allow_import=true"]).teachers[0].arch == arch
+
+    with pytest.raises(ValueError, match="imports module 'kd_user_models' and runs its code"):
+        build_model(arch, 10, (1, 8, 8))
+    assert not (tmp_path / "imported.marker").exists()  # refused before importing anything
+    path = str(tmp_path / "user.pt")
+    save_checkpoint(build_model(arch, 10, (1, 8, 8), allow_import=True), path, {}, arch, 10, {})
+    assert (tmp_path / "imported.marker").exists()
+    with pytest.raises(ValueError, match="allow_import"):
+        inspect_teacher("u", arch, path, {}, 10, (1, 8, 8), PRE)
+    info = inspect_teacher("u", arch, path, {}, 10, (1, 8, 8), PRE, allow_import=True)
+    model = load_teacher("u", arch, path, {}, 10, (1, 8, 8), allow_import=True)
+    assert info.arch == arch and model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="returned str, not a torch.nn.Module"):
+        build_model("kd_user_models:not_a_model", 10, (1, 8, 8), allow_import=True)
+    # A student checkpoint naming a module:function (e.g. a crafted state.pt) is refused on export too.
+    state = {"arch": arch, "num_classes": 10, "student": {},
+             "preprocess": {"image_shape": [1, 8, 8], "scale": 1.0, "mean": [], "std": []}}
+    with pytest.raises(ValueError, match="allow_import"):
+        load_student(state)
