@@ -1,12 +1,28 @@
-"""Ray job entry point: a kdpipe benchmark on the cluster it runs in.
+"""Ray job entry point: kdpipe's benchmark suite on the cluster it runs in.
 
+    kdpipe submit benchmark jobs/configs/digits.yaml --wait          # `kdpipe bench all` on the cluster
     ray job submit --working-dir . -- python jobs/benchmark.py student --repeats 3 --json
-Arguments are those of `kdpipe bench` (storage, stream, student, quality, ...).
+With a config file first (what `kdpipe submit` passes), it joins the config's Ray cluster
+(`--set ray.address=auto`) and runs `kdpipe bench all --json` in <workdir>/bench; otherwise its
+arguments are those of `kdpipe bench` (storage, stream, student, quality, regenerate, load, all).
 """
 
 import sys
 
 from kdpipe.cli import main
 
+
+def run(argv: list[str]) -> int:
+    if not argv or not argv[0].endswith((".yaml", ".yml")):
+        return main(["bench", *argv])
+    from kdpipe import runtime, storage
+    from kdpipe.config import load_config
+
+    overrides = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--set"]
+    cfg = load_config(argv[0], overrides)
+    runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)  # every benchmark then runs on this cluster
+    return main(["bench", "all", "--workdir", storage.join(cfg.workdir, "bench"), "--json"])
+
+
 if __name__ == "__main__":
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    sys.exit(run(sys.argv[1:]))

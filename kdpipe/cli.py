@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="torchscript,onnx", help="comma-separated: torchscript,onnx")
     p.add_argument("--int8", action="store_true", help="also a dynamically int8-quantised TorchScript model")
 
+    from kdpipe import submit
+
+    submit.add_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks, figures measured side by side in one run",
                            description="Benchmarks. storage: bytes per sample per teacher for each label "
                                        "mode and format, and what top-k loses (KL to the full distribution).")
@@ -201,6 +204,10 @@ def _main(args: argparse.Namespace) -> int:
             _emit(args, {"storage": figures, "rows": args.rows, "temperature": args.temperature},
                   format_storage(figures, args.rows, args.temperature))
             return 0
+        if args.command == "submit":  # validates its config itself and handles its own errors
+            from kdpipe import submit
+
+            return submit.run(args, _emit)
         cfg = _config(args)
         return _run(args, cfg)
     except (ConfigError, FileNotFoundError, PermissionError, ValueError) as e:

@@ -103,6 +103,8 @@ def test_format_end_to_end_on_s3(ray_cluster, s3_server, checkpoints, layout):
     else:
         assert manifest["skipped"] == []
     assert generate.generate(cfg, progress=False).teacher_forward_passes == 0
+    if layout == "parquet-png":
+        return  # training from Parquet inputs runs in every local test; here S3 for the other two
 
     rep = train.train_student(cfg, distill=True)
     assert rep.storage.startswith("s3://") and rep.history[-1]["holdout_rows"] == 898
