@@ -130,7 +130,8 @@ def format_plan(plan: Plan) -> str:
              f"{'teacher':<14}{'digest':<18}{'labelled':>9}{'reused':>8}{'to label':>10}  latest"]
     for t in plan.teachers.values():
         moves = ("unchanged" if not t.ref_moves else
-                 f"{t.previous_digest or '(none)'} -> {t.digest}" if t.previous_digest != t.digest else "moves (same digest)")
+                 f"{t.previous_digest or '(none)'} -> {t.digest}" if t.previous_digest != t.digest
+                 else "moves here (same teacher, other labels or inputs)")
         lines.append(f"{t.name:<14}{t.digest:<18}{t.units_committed:>9}{t.units_reused:>8}{len(t.todo):>10}  {moves}")
     reasons: dict[tuple[str, str], int] = {}
     for t in plan.teachers.values():
