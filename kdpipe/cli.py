@@ -119,6 +119,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value of the demo config (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    suite = {
+        "all": ("every figure (P1-P7) with its goal, in one run (about 10 minutes on 2 cores at size 1)",
+                "Run the whole benchmark suite: P1 generation vs a plain PyTorch loop, P2 three teachers in one "
+                "pass vs three passes, P3 student throughput cached/plain/online (and P5, time to the first step), "
+                "P4 label storage, P6 regeneration after one teacher changes, P7 actor scaling; then a table of "
+                "the goals. Each figure alternates its sides and reports the median with min and max."),
+        "generate": ("P1: Ray Data teacher labelling vs a plain PyTorch inference loop",
+                     "P1: one teacher over the same preprocessed inputs, same device and batch size: the plain loop, "
+                     "the Ray Data labelling stage, and the whole generate() path from the input shards."),
+        "teachers": ("P2: three teachers in one pass vs three separate passes",
+                     "P2: seconds to label every row with three teachers in one generate() pass (decode once) "
+                     "against one pass per teacher."),
+        "scale": ("P7: labelling throughput with 1, 2, 4 ... actors",
+                  "P7: the labelling stage with more and more actors; speed-up and efficiency per actor."),
+        "regenerate": ("P6: regeneration after one of three teachers changes vs a full generation",
+                       "P6: teacher forward passes and seconds of `kdpipe regenerate` after one checkpoint of three "
+                       "changes, against a full generation into an empty cache."),
+        "load": ("generation over 20k and 100k small images: peak memory of the driver and workers",
+                 "Generate labels for synthetic 8x8 images at two sizes and sample the resident memory of the "
+                 "driver and every Ray worker: the peaks should not grow with the dataset."),
+    }
+    for name, (text, description) in suite.items():
+        p = bench_sub.add_parser(name, help=text, description=description)
+        p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+        if name == "load":
+            p.add_argument("--rows", default="20000,100000", help="comma-separated dataset sizes (default 20000,100000)")
+        else:
+            p.add_argument("--size", type=float, default=1.0, help="scale the inputs (default 1)")
+            p.add_argument("--repeats", type=int, default=2 if name in ("all", "regenerate") else 3)
+        if name == "all":
+            p.add_argument("--only", default=",".join(_SUITE_PARTS), help="comma-separated parts (default: all)")
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     cache = sub.add_parser("cache", help="inspect, verify and clean the soft-label cache",
                            description="List, show, verify and garbage-collect committed soft labels. The cache "
                                        "is cache.root of the config (default: the demo's).")
@@ -197,6 +230,8 @@ def _main(args: argparse.Namespace) -> int:
             return _bench_stream(args)
         if args.command == "bench" and args.bench_command in ("student", "quality"):
             return _bench_student(args)
+        if args.command == "bench" and args.bench_command in ("all", "generate", "teachers", "scale", "regenerate", "load"):
+            return _bench_suite(args)
         if args.command == "bench":
             from kdpipe.bench import format_storage, storage_figures
 
@@ -244,6 +279,46 @@ def _bench_stream(args: argparse.Namespace) -> int:
     if server is not None:
         result["remote_uri"] = "SeaweedFS S3 on 127.0.0.1 (weed mini)"
     _emit(args, result, format_stream(result))
+    return 0
+
+
+_SUITE_PARTS = ("p1", "p2", "p3", "p4", "p6", "p7")
+
+
+def _bench_suite(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from kdpipe import bench_generate as g
+    from kdpipe import bench_load, bench_suite
+
+    with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as tmp:
+        workdir = args.workdir or tmp
+        command = args.bench_command
+        if command == "all":
+            parts = tuple(p.strip().lower() for p in args.only.split(",") if p.strip())
+            unknown = sorted(set(parts) - set(_SUITE_PARTS))
+            if unknown:
+                raise ValueError(f"--only {unknown}: use some of {', '.join(_SUITE_PARTS)} (P5 comes with p3)")
+            result = bench_suite.run_all(workdir, args.size, args.repeats, parts,
+                                         say=lambda text: print(text, file=sys.stderr))
+            text = bench_suite.format_all(result)
+        elif command == "generate":
+            result = g.generation_throughput(workdir, args.size, args.repeats)
+            text = g.format_generation(result)
+        elif command == "teachers":
+            result = g.multi_teacher_pass(workdir, args.size, args.repeats)
+            text = g.format_multi_teacher(result)
+        elif command == "scale":
+            result = g.actor_scaling(workdir, args.size, args.repeats)
+            text = g.format_actor_scaling(result)
+        elif command == "regenerate":
+            result = bench_suite.regeneration_cost(workdir, args.repeats)
+            text = bench_suite.format_regeneration(result)
+        else:
+            sizes = tuple(int(v) for v in args.rows.split(",") if v.strip())
+            result = bench_load.load_figures(workdir, sizes)
+            text = bench_load.format_load(result)
+    _emit(args, result, text)
     return 0
 
 

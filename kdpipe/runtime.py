@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 log = logging.getLogger("kdpipe")
 
@@ -78,34 +78,47 @@ def plan_teacher_pools(cpus: float, gpus: float,
                        requests: list[tuple[str, float | None, float, int | None]]) -> list[ActorPlan]:
     """One plan per teacher from (name, num_cpus, num_gpus, pool_size) requests; None = size it.
 
-    CPU-only: the teachers share TEACHER_CPU_SHARE of the CPUs; a teacher's share becomes
-    whole-CPU actors when it is >= 1 CPU, else one fractional actor. With GPUs: one actor per
+    CPU-only: the teachers' actors reserve TEACHER_CPU_SHARE of the CPUs, the rest stays free
+    for read tasks. A teacher's share becomes whole-CPU actors when it is >= 2 CPUs; below that
+    (small machines) it is split into one fractional actor per core of the teacher's part of the
+    machine, round(cpus / teachers): whole-CPU actors would leave cores idle there (on 2 cores,
+    one 1-CPU actor computes on one core while decoding needs a fraction of the other).
+    Measured by `kdpipe bench generate` (resnet18, 64 px, 2 cores): 2 actors x 1 thread label
+    ~1.6x as fast as 1 actor x 1 thread, and ~1.35x as fast as 1 actor x 2 threads.
+    Torch threads per sized CPU actor: the cores over all teachers' CPU actors (at least 1), so
+    the actors keep every core busy (Ray books the reservations, it does not cap threads). With GPUs: one actor per
     requested GPU share, one CPU each when there are CPUs to spare.
     """
     n = max(1, len(requests))
     budget = cpus * TEACHER_CPU_SHARE / n
-    plans = []
+    plans, sized = [], []
     for name, num_cpus, num_gpus, pool_size in requests:
         if num_gpus > gpus or (num_cpus or 0) > cpus:
             raise ValueError(
                 f"teacher {name!r} asks for num_gpus={num_gpus}, num_cpus={num_cpus} per actor but the "
                 f"Ray cluster has {gpus:g} GPUs and {cpus:g} CPUs: Ray would wait forever; lower the request"
             )
+        auto = False
         if num_gpus > 0:
             size = pool_size or max(1, int(gpus / num_gpus / n))
             cpu = num_cpus if num_cpus is not None else min(1.0, max(0.25, budget / size))
         elif num_cpus is not None:
             size = pool_size or max(1, int(budget // num_cpus))
             cpu = num_cpus
-        elif budget >= 1:
+        elif budget >= 2:
             size = pool_size or int(budget)
             cpu = budget / size if pool_size else 1.0
+            auto = True
         else:
-            size = pool_size or 1
+            size = pool_size or max(1, round(cpus / n))
             cpu = max(0.05, round(budget / size, 2))
+            auto = True
         plans.append(ActorPlan(num_cpus=float(cpu), num_gpus=float(num_gpus), pool_size=int(size),
                                threads=max(1, int(cpu))))
-    return plans
+        sized.append(auto)
+    cpu_actors = sum(p.pool_size for p in plans if p.num_gpus == 0)
+    threads = max(1, int(cpus // cpu_actors)) if cpu_actors else 1
+    return [replace(p, threads=max(p.threads, threads)) if auto else p for p, auto in zip(plans, sized, strict=True)]
 
 
 def plan_train_worker_cpus(cpus: float, num_workers: int, requested: float | None) -> float:

@@ -1,0 +1,56 @@
+"""Generation benchmarks at toy sizes on the shared local Ray: the figures' structure and the
+invariants behind them (both sides label the same rows, every teacher labels every row, one pass
+reads each shard once). The speed goals themselves are not asserted: this machine is shared."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from kdpipe import bench_generate as bg
+from kdpipe import datasets, runtime
+
+SMALL = {"size": 48 / 512, "repeats": 1, "image_size": 16, "batch_size": 16, "shards": 3}
+
+
+def _finite_positive(*values: float) -> bool:
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
+def test_synthetic_inputs_read_back_as_rgb(tmp_path):
+    uri = str(tmp_path / "inputs")
+    bg.write_inputs(uri, rows=10, size=16, shards=3)
+    cfg = bg.prepare(str(tmp_path), "t", 10, 16, 3, {"tiny": "tiny_cnn"}, 4)
+    source, shards, views = bg._inputs(cfg)
+    assert len(shards) == 3 and sum(s.num_rows for s in shards) == 10
+    samples = datasets.read_samples(shards[0], source)
+    assert samples.images[0].shape == (16, 16, 3) and samples.images[0].dtype == np.uint8
+    keys, x = bg.local_views(cfg, "tiny")
+    assert len(set(keys)) == 10 and x.shape == (10, 3, 16, 16)
+
+
+def test_rounds_alternate_and_actor_plans_fit():
+    assert [bg._order(["a", "b", "c"], r)[0] for r in range(3)] == ["a", "b", "c"]
+    for cpus in (1, 2, 16):
+        for n in (1, 2, 4, 8):
+            plan = bg.actor_plan(cpus, n)
+            assert plan.pool_size == n and plan.threads == 1
+            assert plan.num_cpus * n + runtime.READ_TASK_CPUS <= cpus or plan.num_cpus == 0.05
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_multi_teacher_pass_labels_everything_and_reads_each_shard_once(ray_cluster, tmp_path):
+    # Two teachers, not the benchmark's three, keep the four generate() runs' start-ups under ~20 s.
+    teachers = {"a": "tiny_cnn", "b": "linear"}
+    r = bg.multi_teacher_pass(str(tmp_path), teachers=teachers, **SMALL)
+    assert r["rows"] > 0
+    for side in ("one_pass", "separate"):
+        assert r[side]["labelled"] == [{name: r["rows"] for name in teachers}]
+        assert r[side]["units"] == [{name: 3 for name in teachers}]
+    assert r["one_pass"]["read_tasks"] == [3]  # each shard read and decoded once for both teachers
+    assert r["separate"]["read_tasks"] == [6]
+    assert _finite_positive(r["one_over_separate"], *r["separate"]["seconds"]["each"])
+    assert "one pass / separate" in bg.format_multi_teacher(r)
