@@ -52,6 +52,7 @@ class DataConfig:
     pixel_shape: list[int] = field(default_factory=list)  # pixel-list Parquet: stored [C, H, W]; [] = image_shape
     on_bad_sample: str = "error"  # error | skip: skipped samples are listed in the manifest with the reason
     files_per_shard: int = 1000  # imagefolder: files per input shard (unit of work), within a class folder
+    decode_cpus: float | None = None  # CPUs per read-and-decode task (one per input shard); None = 0.25
     # Preprocessing of the student (and of every teacher that does not override it): decode,
     # channels = image_shape[0], resize, centre crop to image_shape[1:], then (x*scale - mean)/std.
     image_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
@@ -206,6 +207,8 @@ def validate(cfg: Config) -> None:
         raise bad("data.format", data.format, f"use one of {', '.join(INPUT_FORMATS)}")
     if data.on_bad_sample not in ("error", "skip"):
         raise bad("data.on_bad_sample", data.on_bad_sample, "use error or skip")
+    if data.decode_cpus is not None and data.decode_cpus <= 0:
+        raise bad("data.decode_cpus", data.decode_cpus, "CPUs per decode task must be > 0 (or null)")
     if data.files_per_shard < 1:
         raise bad("data.files_per_shard", data.files_per_shard, "must be >= 1")
     if data.pixel_shape and (len(data.pixel_shape) != 3 or min(data.pixel_shape) < 1):

@@ -199,7 +199,7 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[datasets.Inp
     log.info("%d teacher(s), %d distinct preprocessing view(s): each image is decoded once", len(teachers), len(views))
     items = [{"shard_id": s.shard_id} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(datasets.read_views, batch_size=1, num_cpus=runtime.READ_TASK_CPUS,
+    ds = ds.map_batches(datasets.read_views, batch_size=1, num_cpus=cfg.data.decode_cpus or runtime.READ_TASK_CPUS,
                         fn_kwargs={"source": source, "shards": {s.shard_id: s for s in shards}, "views": views,
                                    "augment": augment_settings(cfg)})
     for t, plan in zip(teachers, plans, strict=True):

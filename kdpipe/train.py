@@ -327,13 +327,14 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
     pre = preprocess_for(cfg)
     holdout_shards = datasets.list_shards(cfg.data.holdout, source) if labelled else []
     views = {t["preprocess"].view(): t["preprocess"].geometry() for t in online_teachers}
-    train_ds = student_dataset(source, shards, pre, units, data, views)
+    train_ds = student_dataset(source, shards, pre, units, data, views, cfg.data.decode_cpus)
     datasets_ = {"train": train_ds}
     row_bytes = (int(np.prod(pre.image_shape)) + sum(int(np.prod(g["size"])) * g["channels"] for g in views.values())
                  + 4 * len(units) * cfg.data.num_classes) * max(1, replay) + 16
     rows = sum(_rows_estimate(s, units) for s in shards) + sum(_rows_estimate(s, []) for s in holdout_shards)
     if holdout_shards:
-        datasets_["holdout"] = student_dataset(source, holdout_shards, pre, [], {**data, "replay": 0})
+        datasets_["holdout"] = student_dataset(source, holdout_shards, pre, [], {**data, "replay": 0},
+                                               decode_cpus=cfg.data.decode_cpus)
     if _preload(tr.preload, rows * row_bytes):
         # Small data: decode and join once, then every epoch reads from the object store.
         datasets_ = {k: v.materialize() for k, v in datasets_.items()}
@@ -391,14 +392,15 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
 
 
 def student_dataset(source: dict[str, Any], shards: list[datasets.InputShard], pre, units: list[dict[str, Any]],
-                    data: dict[str, Any], views: dict[str, dict[str, Any]] | None = None):
+                    data: dict[str, Any], views: dict[str, dict[str, Any]] | None = None,
+                    decode_cpus: float | None = None):
     """The student's input stream: one read task per input shard, joined with the teachers' units
     (or, for online distillation, carrying the teachers' own `views` instead)."""
     import ray.data
 
     items = [{"shard_id": s.shard_id} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(datasets.read_joined_shard, batch_size=1, num_cpus=runtime.READ_TASK_CPUS,
+    return ds.map_batches(datasets.read_joined_shard, batch_size=1, num_cpus=decode_cpus or runtime.READ_TASK_CPUS,
                           fn_kwargs={"source": source, "shards": {s.shard_id: s for s in shards},
                                      "geometry": pre.geometry(), "units": units, "data": data, "views": views})
 

@@ -37,6 +37,7 @@ def test_unknown_key_fails_naming_it(override, needle):
 @pytest.mark.parametrize("override, needle", [
     ("labels.temperature=0", "labels.temperature=0"),
     ("train.alpha=1.5", "train.alpha=1.5"),
+    ("data.decode_cpus=0", "data.decode_cpus=0"),
     ("labels.dtype=int8", "labels.dtype='int8'"),
     ("train.epochs=many", "train.epochs"),
     ("train.teacher_weights=[1, 2]", "train.teacher_weights"),

@@ -27,6 +27,7 @@ def cached(ray_cluster, digits_cfg):
     """The digits labelled by the three teachers, plain and in 2 augmented views per sample."""
     cfg = copy.deepcopy(digits_cfg)
     cfg.labels.views = 2
+    cfg.data.decode_cpus = 0.4  # read-and-decode tasks of generation and training at 0.4 CPU
     rep = generate.generate(cfg, progress=False)
     assert rep.teacher_forward_passes == 3 * 899 * 3
     return cfg
