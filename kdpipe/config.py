@@ -416,20 +416,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def read_yaml_mapping(path: str, what: str = "config file", error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A local YAML file holding a mapping; `error` names the file when it is missing or not one."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise error(f"{what} {path!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise error(f"{what} {path!r} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{what} {path!r} must hold a mapping at the top level")
+    return raw
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config (or the built-in default when `path` is None) and apply overrides."""
     if path is None:
         raw: dict[str, Any] = to_dict(Config(teachers=default_teachers()))
     else:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
+        raw = read_yaml_mapping(path)
     for assignment in overrides:
         apply_override(raw, assignment)
     if raw.get("registry"):

@@ -26,10 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import kdpipe
-from kdpipe.config import Config, ConfigError, load_config
+from kdpipe.config import Config, ConfigError, load_config, read_yaml_mapping
 
 JOBS = ("generate", "train", "regenerate", "benchmark")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -130,15 +128,7 @@ def load_runtime_env(path: str | None) -> dict[str, Any]:
     """A runtime env YAML file as a dict (its working_dir and excludes dropped: we stage our own)."""
     if path is None:
         return {}
-    try:
-        with open(path) as f:
-            env = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ValueError(f"runtime env file {path!r} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"runtime env file {path!r} is not valid YAML: {e}") from None
-    if not isinstance(env, dict):
-        raise ValueError(f"runtime env file {path!r} must hold a mapping")
+    env = read_yaml_mapping(path, "runtime env file", ValueError)
     return {k: v for k, v in env.items() if k not in ("working_dir", "excludes")}
 
 
