@@ -10,16 +10,20 @@ throughput (P1): one teacher's labelling rate through Ray Data against a plain P
                 pool sized as generation sizes it;
       generate  the whole kdpipe.generate.generate path from the input shards (read, decode,
                 label, commit units and manifest) into a fresh cache root each time.
-    Ray Data starts a new actor pool for every execution, so each stage / generate figure pays
-    the actor's start (process, imports, checkpoint load); `steady` is the stage's rate after its
-    first output batch, the part a longer run converges to.
+    Ray Data starts a new actor pool for every execution, so each stage / generate wall time
+    pays the actors' start (process, torch and torchvision imports, checkpoint load: ~7-10 s on
+    2 cores). `labelling` is the stage's rate from its first batch's start to its last batch's
+    end (TimedPredictor stamps them in the actors): the rate a long run converges to, and the
+    figure compared with the plain loop's throughput.
 
 multi_teacher (P2): three teachers in one generate() call (each image read and decoded once,
     the three actor pools working at the same time) against three generate() calls with one
-    teacher each, every run into a fresh cache root so that everything is labelled every time.
+    teacher each, every run into a fresh cache root so that everything is labelled every time;
+    the input-shard reads of every run are counted from Ray's state API.
 
 actor_scaling (P7): the labelling stage with 1, 2, 4 ... actors (fractional CPUs, one torch
-    thread each): samples/s, speed-up and efficiency per actor relative to one actor.
+    thread each, labelling only once the whole pool is up): samples/s, speed-up and efficiency
+    per actor relative to one actor.
 
 Inputs are synthetic RGB images (smooth colour fields plus noise, PNG bytes in Parquet); the
 teachers are torchvision models with random weights saved as checkpoints (speed does not depend
@@ -133,7 +137,7 @@ def preprocessed(cfg: config.Config):
 
     source, shards, views = _inputs(cfg)
     ds = ray.data.from_items([{"shard_id": s.shard_id} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(datasets.read_views, batch_size=1, num_cpus=runtime.READ_TASK_CPUS,
+    ds = ds.map_batches(datasets.read_views, batch_size=1, num_cpus=cfg.data.decode_cpus or runtime.READ_TASK_CPUS,
                         fn_kwargs={"source": source, "shards": {s.shard_id: s for s in shards}, "views": views})
     return ds.materialize()
 
@@ -214,6 +218,7 @@ def label_stage(mat, cfg: config.Config, teacher: str, plan: runtime.ActorPlan,
             "name": t.name, "arch": t.arch, "checkpoint": t.checkpoint,
             "storage_options": cfg.cache.storage_options, "num_classes": cfg.data.num_classes,
             "preprocess": pre, "view": pre.view(), "shard_ids": None, "num_threads": plan.threads,
+            "allow_import": cfg.allow_import,
         },
         batch_size=t.batch_size,
         compute=ray.data.ActorPoolStrategy(size=plan.pool_size),
@@ -221,7 +226,7 @@ def label_stage(mat, cfg: config.Config, teacher: str, plan: runtime.ActorPlan,
     ).drop_columns([pre.view()])
     if wait_for_actors:
         ds.context.wait_for_min_actors_s = 600
-    keys, logits, t_start, t_end, t_init, t_ready = [], [], [], [], [], []
+    keys, logits, t_start, t_end, t_init, t_ready, calls = [], [], [], [], [], [], set()
     wall, started = time.time(), time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         labelled = batch[mask_column(teacher)]
@@ -229,13 +234,15 @@ def label_stage(mat, cfg: config.Config, teacher: str, plan: runtime.ActorPlan,
         logits.append(batch[logits_column(teacher)][labelled])
         t_start.append(batch["t_start"].min())
         t_end.append(batch["t_end"].max())
+        # one (start, end) pair per predictor call: the actors' busy time
+        calls.update(zip(batch["t_start"].tolist(), batch["t_end"].tolist(), strict=True))
         t_init.append(batch["t_init"].min())
         t_ready.append(batch["t_ready"].max())
     seconds = time.perf_counter() - started
     first, last = (min(t_start), max(t_end)) if t_start else (wall, wall)
     init, ready = (min(t_init), max(t_ready)) if t_init else (wall, wall)
     return {"rows": len(keys), "seconds": seconds, "startup_s": first - wall, "labelling_s": last - first,
-            "process_s": init - wall, "load_s": ready - init,
+            "process_s": init - wall, "load_s": ready - init, "busy_s": sum(b - a for a, b in calls),
             "keys": keys, "logits": np.concatenate(logits) if logits else np.zeros((0, cfg.data.num_classes))}
 
 
@@ -265,26 +272,26 @@ def _max_diff(keys_a: list[str], a: np.ndarray, keys_b: list[str], b: np.ndarray
 READ_TASK = "MapBatches(read_views)"  # Ray Data's name for generation's read tasks
 
 
-def read_tasks(since: float, until: float, at_least: int = 0, wait_s: float = 15.0) -> int | None:
-    """Read tasks (datasets.read_views calls, one input shard each, retries included) created
-    between the wall-clock times `since` and `until`, from Ray's state API. Task events reach the
-    API a second or so late: wait (up to `wait_s`) for `at_least` of them and two equal counts in
-    a row. None where the API cannot be reached (no dashboard)."""
+def read_tasks(windows: list[tuple[float, float]], at_least: int = 0, wait_s: float = 15.0) -> list[int] | None:
+    """Per (since, until) wall-clock window, the read tasks (datasets.read_views calls, one input
+    shard each, retries included) created in it, from Ray's state API. Task events reach the API
+    a second or so late: wait (up to `wait_s`) for `at_least` in all and two equal counts in a
+    row. None where the API cannot be reached (no dashboard)."""
     import ray
     from ray.util.state import list_tasks
     from ray.util.state.exception import RayStateApiException
 
-    deadline, count = time.monotonic() + wait_s, -1
+    deadline, counts = time.monotonic() + wait_s, None
     while True:
         try:
             tasks = list_tasks(address=ray.get_runtime_context().gcs_address, filters=[("name", "=", READ_TASK)],
                                limit=10_000, detail=True, raise_on_missing_output=False)
         except (ConnectionError, RayStateApiException):
             return None
-        previous = count
-        count = sum(1 for t in tasks if since * 1000 <= (t.creation_time_ms or 0) <= until * 1000)
-        if (count >= at_least and count == previous) or time.monotonic() > deadline:
-            return count
+        created = [t.creation_time_ms or 0 for t in tasks]
+        previous, counts = counts, [sum(1 for c in created if a * 1000 <= c <= b * 1000) for a, b in windows]
+        if (sum(counts) >= at_least and counts == previous) or time.monotonic() > deadline:
+            return counts
         time.sleep(0.5)
 
 
@@ -316,8 +323,10 @@ def generation_throughput(workdir: str, size: float = 1, repeats: int = 3, arch:
                 runs[side].append({"rows": len(last["plain"]), "seconds": seconds})
             elif side == "stage":
                 last["stage"] = label_stage(mat, cfg, arch, plan)
-                runs[side].append({k: last["stage"][k] for k in ("rows", "seconds", "startup_s", "process_s",
-                                                                 "load_s", "labelling_s")})
+                run = {k: last["stage"][k] for k in ("rows", "seconds", "startup_s", "process_s", "load_s",
+                                                     "labelling_s")}
+                run["busy"] = last["stage"]["busy_s"] / (run["labelling_s"] * plan.pool_size)
+                runs[side].append(run)
             else:
                 res = generate_into(cfg, storage.join(workdir, "p1", f"cache-{r}"))
                 runs[side].append({"rows": res["rows"][arch], "seconds": res["seconds"], "units": res["units"][arch]})
@@ -331,7 +340,7 @@ def generation_throughput(workdir: str, size: float = 1, repeats: int = 3, arch:
         out[side] = {"rows": [v["rows"] for v in values], "seconds": _summary([v["seconds"] for v in values]),
                      "samples_per_s": _summary([v["rows"] / v["seconds"] for v in values])}
     stage = runs["stage"]
-    for key in ("startup_s", "process_s", "load_s"):
+    for key in ("startup_s", "process_s", "load_s", "busy"):  # busy: share of the span the actors labelled
         out["stage"][key] = _summary([v[key] for v in stage])
     # generate()'s fixed cost: its wall time less its rows at the stage's labelling rate (same round)
     out["generate"]["fixed_s"] = _summary([g["seconds"] - g["rows"] * st["labelling_s"] / st["rows"]
@@ -366,10 +375,11 @@ def format_generation(r: dict[str, Any]) -> str:
         _line("stage", r["stage"]["samples_per_s"], "the same, wall time: actor start-up included"),
         _line("generate", r["generate"]["samples_per_s"], "generate(): read + decode + label + commit, wall time"),
     ]
-    st = {k: r["stage"][k]["median"] for k in ("startup_s", "process_s", "load_s")}
-    lines.append(f"stage actor start-up {st['startup_s']:.1f} s (process and imports {st['process_s']:.1f} s, "
-                 f"teacher load {st['load_s']:.1f} s); generate() fixed cost "
-                 f"{r['generate']['fixed_s']['median']:.1f} s (wall time less its rows at the labelling rate)")
+    st = {k: r["stage"][k]["median"] for k in ("startup_s", "process_s", "load_s", "busy")}
+    lines.append(f"stage: actors busy {st['busy']:.0%} of the labelling span; actor start-up {st['startup_s']:.1f} s "
+                 f"(process and imports {st['process_s']:.1f} s, teacher load {st['load_s']:.1f} s)")
+    lines.append(f"generate(): fixed cost {r['generate']['fixed_s']['median']:.1f} s (wall time less its rows "
+                 "at the stage's labelling rate)")
     for name, goal in (("labelling", "  (goal >= 0.85)"), ("stage", ""), ("generate", "")):
         each = ", ".join(f"{v:.2f}" for v in r[f"{name}_over_plain_each"])
         lines.append(f"{name + ' / plain:':<20}{r[f'{name}_over_plain']:.2f}{goal}  per round {each}")
@@ -387,11 +397,12 @@ def _single(cfg: config.Config, teacher: str) -> config.Config:
     return c
 
 
-def multi_teacher_pass(workdir: str, size: float = 1, repeats: int = 3, teachers: dict[str, str] | None = None,
+def multi_teacher_pass(workdir: str, size: float = 1, repeats: int = 2, teachers: dict[str, str] | None = None,
                        image_size: int = 64, batch_size: int = 64, shards: int = 8) -> dict[str, Any]:
-    """Seconds to label every row with `teachers` ({name: arch}, default three: MULTI_TEACHERS):
-    one generate() call (one pass) against one call per teacher (separate), alternating, `repeats` rounds, every run into
-    a fresh cache root. `size` scales the rows (size x 256)."""
+    """Seconds to label every row with `teachers` ({name: arch}, default the three of
+    MULTI_TEACHERS): one generate() call (one pass) against one call per teacher (separate),
+    alternating, `repeats` rounds, every run into a fresh cache root; and the input-shard reads
+    of every run. `size` scales the rows (size x 256)."""
     runtime.ensure_ray(None, None)
     teachers = dict(teachers or MULTI_TEACHERS)
     rows = max(shards, int(256 * size))
@@ -416,9 +427,14 @@ def multi_teacher_pass(workdir: str, size: float = 1, repeats: int = 3, teachers
                     labelled.update(res["rows"])
                     units.update(res["units"])
                 seconds = sum(per_teacher.values())
-            passes = 1 if side == "one_pass" else len(teachers)
             runs[side].append({"seconds": seconds, "per_teacher": per_teacher, "labelled": labelled, "units": units,
-                               "read_tasks": read_tasks(since, time.time(), at_least=passes * shards)})
+                               "window": (since, time.time())})
+    # Shard reads per run, counted once at the end (Ray reports task events late).
+    order = [(side, i) for side in runs for i in range(repeats)]
+    counts = read_tasks([runs[side][i]["window"] for side, i in order],
+                        at_least=repeats * shards * (1 + len(teachers)))
+    for k, (side, i) in enumerate(order):
+        runs[side][i]["read_tasks"] = None if counts is None else counts[k]
     out: dict[str, Any] = {"teachers": teachers, "image": [3, image_size, image_size], "rows": rows, "shards": shards,
                            "batch_size": batch_size, "repeats": repeats, "cluster_cpus": runtime.cluster_cpus_gpus()[0],
                            "plans": {side: [{"actors": p.pool_size, "num_cpus": p.num_cpus, "threads": p.threads}
@@ -463,15 +479,15 @@ def actor_plan(cpus: float, actors: int) -> runtime.ActorPlan:
     return runtime.ActorPlan(num_cpus=min(1.0, max(0.05, round(share, 2))), num_gpus=0.0, pool_size=actors, threads=1)
 
 
-def actor_scaling(workdir: str, size: float = 1, repeats: int = 3, arch: str = "resnet18", image_size: int = 64,
+def actor_scaling(workdir: str, size: float = 1, repeats: int = 2, arch: str = "resnet18", image_size: int = 64,
                   batch_size: int = 32, shards: int = 16, actors: list[int] | None = None) -> dict[str, Any]:
     """Labelling-stage samples/s with 1, 2, 4 ... actors (default: powers of two up to twice the
     CPUs), alternating, `repeats` rounds; speed-up and efficiency per actor against 1 actor.
-    `size` scales the rows (size x 512)."""
+    `size` scales the rows (size x 384)."""
     runtime.ensure_ray(None, None)
     cpus = runtime.cluster_cpus_gpus()[0]
     counts = sorted(set(actors or [2 ** i for i in range(8) if 2 ** i <= max(2, 2 * cpus)]))
-    rows = max(shards, int(512 * size))
+    rows = max(shards, int(384 * size))
     cfg = prepare(workdir, "p7", rows, image_size, shards, {arch: arch}, batch_size)
     mat = preprocessed(cfg)  # warm-up: Ray started, read workers up; every run starts its actors
     load_model(cfg, arch)  # and the driver's imports
