@@ -248,6 +248,9 @@ def _main(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, PermissionError, ValueError) as e:
         print(f"kdpipe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ConnectionError as e:  # storage.StorageUnreachable and the like: the message says what to do
+        print(f"kdpipe {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         from kdpipe.storage import NO_CREDENTIALS_HINT, missing_credentials
 

@@ -109,6 +109,7 @@ AUGMENTS = ("none", "replay")
 class CacheConfig:
     root: str = ""  # "" = <workdir>/cache
     storage_options: dict[str, Any] = field(default_factory=dict)
+    inject_fault: str = ""  # test-only: a fault for generation to hit once (kdpipe.faults)
 
 
 @dataclass
@@ -185,6 +186,13 @@ def validate(cfg: Config) -> None:
 
     tr, data = cfg.train, cfg.data
     _validate_labels(cfg.labels, data.num_classes, "labels", bad)
+    if cfg.cache.inject_fault:
+        from kdpipe import faults
+
+        try:
+            faults.parse(cfg.cache.inject_fault)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if not 0.0 <= tr.alpha <= 1.0:
         raise bad("train.alpha", tr.alpha, "must be in [0, 1]")
     if tr.temperature <= 0:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from kdpipe import cache, datasets, labels, runtime, storage
+from kdpipe import cache, datasets, faults, labels, runtime, storage
 from kdpipe.config import Config, labels_for, preprocess_for
 from kdpipe.teachers import (
     TeacherInfo,
@@ -196,6 +196,7 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[datasets.Inp
     teachers = [t for t in cfg.teachers if t.name in todo]
     plans = runtime.plan_teacher_pools(cpus, gpus, [(t.name, t.num_cpus, t.num_gpus, t.pool_size) for t in teachers])
     pre = {t.name: preprocess_for(cfg, t.name) for t in teachers}
+    fault = faults.for_cache(cfg.cache.inject_fault, cfg.cache.root, cfg.cache.storage_options)
     views = {p.view(): p.geometry() for p in pre.values()}  # teachers with the same geometry share a view
     log.info("%d teacher(s), %d distinct preprocessing view(s): each image is decoded once", len(teachers), len(views))
     items = [{"shard_id": s.shard_id} for s in shards]
@@ -220,7 +221,7 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[datasets.Inp
                 "storage_options": cfg.cache.storage_options, "num_classes": cfg.data.num_classes,
                 "preprocess": pre[t.name], "view": pre[t.name].view(),
                 "shard_ids": None if len(todo[t.name]) == len(shards) else todo[t.name],
-                "num_threads": plan.threads, "allow_import": cfg.allow_import,
+                "num_threads": plan.threads, "allow_import": cfg.allow_import, "fault": fault,
             },
             batch_size=t.batch_size,
             compute=ray.data.ActorPoolStrategy(size=size),
@@ -254,9 +255,20 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[datasets.Inp
                 rows = {k: np.concatenate([b[k] for b in parts]) for k in batch}
                 for t in teachers:
                     if sid in todo[t.name]:
-                        written[t.name][sid] = _commit_unit(cfg, fs, dirs[t.name], t.name, by_id[sid], rows,
-                                                            skipped[sid])
+                        try:
+                            written[t.name][sid] = _commit_unit(cfg, fs, dirs[t.name], t.name, by_id[sid], rows,
+                                                                skipped[sid])
+                        except Exception as e:
+                            if not storage.unreachable(e):
+                                raise
+                            kept = sum(len(w) for w in written.values())
+                            raise storage.StorageUnreachable(
+                                f"cache {fs.unstrip_protocol(dirs[t.name])}: the store stopped answering while "
+                                f"committing teacher {t.name!r}, input shard {by_id[sid].uri} ({e}). The {kept} "
+                                "unit(s) committed before are kept and nothing partial is visible: rerun the "
+                                "same command once the store answers; it labels only what is missing") from e
                         bar.update(1)
+                        faults.units_committed(fault, sum(len(w) for w in written.values()))
     bar.close()
     incomplete = {sid: counts.get(sid, 0) for sid in by_id if sid not in expected or counts[sid] != expected[sid]}
     if incomplete:

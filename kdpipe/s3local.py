@@ -22,6 +22,8 @@ class LocalS3:
     secret: str
     process: subprocess.Popen
     folder: str
+    command: list[str] | None = None  # how it was started: restart() runs it again (same ports, same data)
+    env: dict[str, str] | None = None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -34,6 +36,18 @@ class LocalS3:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+    def kill(self) -> None:
+        """Stop at once (SIGKILL), as a crashed or unplugged server would."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def restart(self, timeout_s: float = 60) -> None:
+        """Start the stopped server again on the same ports with the same data."""
+        if self.process.poll() is None:
+            raise RuntimeError("the server is still running: stop() or kill() it first")
+        self.process = _launch(self.command, self.env, self.folder)
+        _wait_until_serving(self, timeout_s)
 
 
 def _free_port() -> int:
@@ -49,7 +63,6 @@ def weed_binary() -> str | None:
 
 def start(folder: str, key: str, secret: str, bucket: str = "kdpipe", timeout_s: float = 60) -> LocalS3:
     """Start `weed mini` on free ports with data under `folder`; create `bucket`; wait until it serves."""
-    import s3fs
 
     weed = weed_binary()
     if weed is None:
@@ -62,20 +75,33 @@ def start(folder: str, key: str, secret: str, bucket: str = "kdpipe", timeout_s:
     ports = [f"-{name}={_free_port()}" for name in (
         "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
         "s3.port.grpc", "admin.port", "debug.port")]
-    log_path = os.path.join(folder, "weed.log")
-    proc = subprocess.Popen(
-        [weed, "mini", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-         "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", f"-s3.port={port}", *ports],
-        env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    server = LocalS3(f"http://127.0.0.1:{port}", bucket, key, secret, proc, folder)
+    command = [weed, "mini", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+               "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", f"-s3.port={port}", *ports]
+    server = LocalS3(f"http://127.0.0.1:{port}", bucket, key, secret, _launch(command, env, folder), folder,
+                     command, env)
+    _wait_until_serving(server, timeout_s)
+    return server
+
+
+def _launch(command: list[str], env: dict[str, str], folder: str) -> subprocess.Popen:
+    with open(os.path.join(folder, "weed.log"), "a") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_until_serving(server: LocalS3, timeout_s: float) -> None:
+    """Wait until the server answers (creating its bucket if missing)."""
+    import s3fs
+
     deadline = time.time() + timeout_s
     while True:
         try:
-            s3fs.S3FileSystem(skip_instance_cache=True, **server.options).mkdir(bucket)
-            return server
+            s3fs.S3FileSystem(skip_instance_cache=True, **server.options).mkdir(server.bucket)
+            return
+        except FileExistsError:  # a restart: the bucket is still there
+            return
         except Exception:  # not up yet: connection refused, 503...
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                with open(log_path) as f:
+            if time.time() > deadline or server.process.poll() is not None:
+                server.process.kill()
+                with open(os.path.join(server.folder, "weed.log")) as f:
                     raise RuntimeError(f"SeaweedFS did not start: {f.read()[-2000:]}") from None
             time.sleep(0.5)

@@ -49,6 +49,25 @@ NO_CREDENTIALS_HINT = ("no storage credentials were found: set AWS_ACCESS_KEY_ID
                        "the config (data.storage_options, cache.storage_options)")
 
 
+class StorageUnreachable(ConnectionError):
+    """The store did not answer (after the client's own bounded retries); the message names the
+    URI and what was being written, and says to rerun."""
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` (or one it was raised from) says the store could not be reached: connection
+    refused or reset, endpoint down, timeouts; not HTTP errors the store answered with."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ in (
+                "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
+                "ServerDisconnectedError", "ConnectionClosedError"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 

@@ -154,8 +154,9 @@ class TeacherPredictor:
 
     def __init__(self, name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
                  num_classes: int, preprocess: Preprocess, view: str, shard_ids: list[str] | None,
-                 num_threads: int = 1, device: str = "auto", allow_import: bool = False) -> None:
+                 num_threads: int = 1, device: str = "auto", allow_import: bool = False, fault=None) -> None:
         torch.set_num_threads(max(1, num_threads))
+        self.fault, self.calls = fault, 0  # test-only (kdpipe.faults)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -167,6 +168,11 @@ class TeacherPredictor:
                                   preprocess.image_shape, allow_import).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        if self.fault is not None:
+            from kdpipe import faults
+
+            faults.teacher_call(self.fault, self.name, self.calls)
         x = batch[self.view]
         n = len(x)
         mask = ~batch["placeholder"] if "placeholder" in batch else np.ones(n, dtype=bool)
