@@ -141,6 +141,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
             rows = torch.stack([topk_kl_rows(student_logits, ids[:, i], probs[:, i], tail[:, i], float(temps[i]),
                                              kind) for i in range(k_teachers)], dim=1)  # [B, K]
             parts["kd"] = (rows * w).sum(dim=1).mean()
+        elif _plain_mean(weights, weighting, temperatures, temperature, ensemble, kind):
+            parts["kd"] = _mean_kd(student_logits, teacher_logits, temperature, kind)
         else:
             k_teachers = teacher_logits.shape[1]
             top = F.softmax(teacher_logits.float(), dim=-1).max(dim=-1)
@@ -158,6 +160,30 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     logged = {k: float(v.detach()) for k, v in parts.items()}
     logged["loss"] = float(loss.detach())
     return loss, logged
+
+
+def _plain_mean(weights, weighting: str, temperatures, temperature: float, ensemble: str, kind: str) -> bool:
+    """The common case: equal teacher weights, fixed weighting, one temperature, the mean
+    ensemble and a KL or soft-CE term; _mean_kd computes it with a few fused ops (the general
+    path builds per-sample weights and per-teacher temperatures on every step)."""
+    if ensemble != "mean" or kind not in ("kl", "soft_ce") or weighting != "fixed":
+        return False
+    if weights is not None and not bool(torch.all(torch.as_tensor(weights) == torch.as_tensor(weights).flatten()[0])):
+        return False
+    return temperatures is None or len(temperatures) == 0 or \
+        bool(torch.all(torch.as_tensor(temperatures, dtype=torch.float32) == float(temperature)))
+
+
+def _mean_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, kind: str) -> torch.Tensor:
+    """T^2 KL (or soft CE) of the student from the mean of the teachers' softmax(z/T), batch mean."""
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    p = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1).mean(dim=1)  # [B, C]
+    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    if kind == "kl":
+        term = F.kl_div(log_q, p, reduction="batchmean")
+    else:
+        term = -(p * log_q).sum(dim=-1).mean()
+    return term * temperature**2
 
 
 def _temperatures(temperatures, k: int, default: float) -> torch.Tensor:
