@@ -101,7 +101,8 @@ def run_all(workdir: str, size: float = 1.0, repeats: int = 2, parts: tuple[str,
     steps = {
         "p1": lambda: bench_generate.generation_throughput(storage.join(workdir, "p1"), size, repeats),
         "p2": lambda: bench_generate.multi_teacher_pass(storage.join(workdir, "p2"), size, repeats),
-        "p3": lambda: bench_student.student_throughput(storage.join(workdir, "p3"), repeats, max(2, int(4 * size))),
+        # an epoch of the digits takes ~0.3 s: 12 of them give each run a steadier median for little time
+        "p3": lambda: bench_student.student_throughput(storage.join(workdir, "p3"), repeats, max(8, int(12 * size))),
         "p4": lambda: {"figures": bench.storage_figures(max(1000, int(10_000 * size))),
                        "rows": max(1000, int(10_000 * size)), "temperature": 4.0},
         "p6": lambda: regeneration_cost(storage.join(workdir, "p6"), repeats),
