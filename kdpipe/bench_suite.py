@@ -20,34 +20,44 @@ import statistics
 import time
 from typing import Any
 
-from kdpipe import config, generate, regenerate, storage, teachers
+from kdpipe import config, generate, regenerate, runtime, storage
+from kdpipe import teachers as teachers_mod
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "each": values}
 
 
-def regeneration_cost(workdir: str, repeats: int = 2, overrides: list[str] = ()) -> dict[str, Any]:
+def regeneration_cost(workdir: str, repeats: int = 2, size: float = 1.0, teachers: dict[str, str] | None = None,
+                      image_size: int = 64, batch_size: int = 64, shards: int = 8) -> dict[str, Any]:
     """P6: after one of three teachers changes, regenerate's work (teacher forward passes) and
-    time vs a full generation of all three into an empty cache, alternating."""
-    from kdpipe.bench_student import _prepared
+    time vs a full generation of all three into an empty cache, alternating. P2's setup: three
+    torchvision teachers (random weights) over size x 512 synthetic 64 px RGB images.
 
-    base = _prepared(workdir, list(overrides))
+    Both sides pay a fixed start-up (Ray Data planning, actor processes, imports, checkpoint
+    loads: ~8-10 s on 2 cores) that does not grow with the data, so the time ratio approaches
+    the work ratio as `size` grows."""
+    from kdpipe import bench_generate
+
+    runtime.ensure_ray(None, None)
+    teachers = dict(teachers or bench_generate.MULTI_TEACHERS)
+    rows = max(shards, int(512 * size))
+    base = bench_generate.prepare(workdir, "p6", rows, image_size, shards, teachers, batch_size)
     full_s, full_work, regen_s, regen_work = [], [], [], []
-    fs, _ = storage.filesystem(base.cache.root)
     changed = base.teachers[1]
-    model = teachers.load_teacher(changed.name, changed.arch, changed.checkpoint, base.cache.storage_options,
-                                  base.data.num_classes, tuple(config.preprocess_for(base, changed.name).image_shape))
-    for r in range(repeats + 1):  # round 0 warms up (and fills the cache regenerate starts from)
+    model = teachers_mod.load_teacher(changed.name, changed.arch, changed.checkpoint, base.cache.storage_options,
+                                      base.data.num_classes,
+                                      tuple(config.preprocess_for(base, changed.name).image_shape))
+    for r in range(repeats + 1):  # round 0 warms up (imports, read workers); not counted
         cfg = copy.deepcopy(base)
-        cfg.cache.root = storage.join(workdir, f"p6-cache-{r}")
+        cfg.cache.root = storage.join(workdir, "p6", f"cache-{r}")
         started = time.perf_counter()
         full = generate.generate(cfg, progress=False)
         seconds = time.perf_counter() - started
         # A new release of one teacher: same weights, other metadata, so other bytes and a new digest.
-        new_checkpoint = storage.join(workdir, f"p6-{changed.name}-v{r}.pt")
-        teachers.save_checkpoint(model, new_checkpoint, cfg.cache.storage_options, changed.arch,
-                                 cfg.data.num_classes, {"release": r})
+        new_checkpoint = storage.join(workdir, "p6", f"{changed.name}-v{r}.pt")
+        teachers_mod.save_checkpoint(model, new_checkpoint, cfg.cache.storage_options, changed.arch,
+                                     cfg.data.num_classes, {"release": r})
         cfg.teachers[1].checkpoint = new_checkpoint
         started = time.perf_counter()
         result = regenerate.regenerate(cfg, progress=False, say=lambda _: None)
@@ -57,7 +67,8 @@ def regeneration_cost(workdir: str, repeats: int = 2, overrides: list[str] = ())
             full_work.append(full.teacher_forward_passes)
             regen_s.append(regen)
             regen_work.append(result["teacher_forward_passes"])
-    out = {"repeats": repeats, "teachers": len(base.teachers), "changed": changed.name,
+    out = {"repeats": repeats, "rows": rows, "size": size, "image": [3, image_size, image_size],
+           "teachers": list(teachers.values()), "changed": changed.arch,
            "full_seconds": _summary(full_s), "regenerate_seconds": _summary(regen_s),
            "full_forward_passes": full_work[-1], "regenerate_forward_passes": regen_work[-1]}
     out["work_ratio"] = out["regenerate_forward_passes"] / out["full_forward_passes"]
@@ -67,7 +78,8 @@ def regeneration_cost(workdir: str, repeats: int = 2, overrides: list[str] = ())
 
 def format_regeneration(r: dict[str, Any]) -> str:
     return "\n".join([
-        f"P6 regeneration: 1 of {r['teachers']} teachers changed ({r['changed']}) vs a full generation, "
+        f"P6 regeneration: 1 of {len(r['teachers'])} teachers ({', '.join(r['teachers'])}) changed "
+        f"({r['changed']}) vs a full generation, {r['rows']} RGB {r['image'][1]} px images, "
         f"median of {r['repeats']} (min-max)",
         f"  full        {r['full_seconds']['median']:>7.2f} s  {r['full_seconds']['min']:.2f}-"
         f"{r['full_seconds']['max']:.2f}   {r['full_forward_passes']} teacher forward passes",
@@ -105,7 +117,7 @@ def run_all(workdir: str, size: float = 1.0, repeats: int = 2, parts: tuple[str,
         "p3": lambda: bench_student.student_throughput(storage.join(workdir, "p3"), repeats, max(8, int(12 * size))),
         "p4": lambda: {"figures": bench.storage_figures(max(1000, int(10_000 * size))),
                        "rows": max(1000, int(10_000 * size)), "temperature": 4.0},
-        "p6": lambda: regeneration_cost(storage.join(workdir, "p6"), repeats),
+        "p6": lambda: regeneration_cost(storage.join(workdir, "p6"), repeats, size),
         "p7": lambda: bench_generate.actor_scaling(storage.join(workdir, "p7"), size, repeats),
     }
     for part in parts:
