@@ -101,7 +101,9 @@ def prepare(workdir: str, name: str, rows: int, size: int, shards: int, teachers
         ckpt = storage.join(workdir, "checkpoints", f"{tname}-{size}.pt")
         if not fs.exists(ckpt):
             save_checkpoint(build_model(arch, 10, (3, size, size)), ckpt, {}, arch, 10, {})
-        tcfgs.append(config.TeacherConfig(name=tname, arch=arch, checkpoint=ckpt, batch_size=batch_size))
+        # On a GPU host the teachers share the GPU (and run at their auto precision: bf16).
+        tcfgs.append(config.TeacherConfig(name=tname, arch=arch, checkpoint=ckpt, batch_size=batch_size,
+                                          num_gpus=1.0 / len(teachers) if gpu() else 0.0))
     data = config.DataConfig(builtin=None, format="parquet", train=storage.join(base, "inputs"),
                              image_shape=[3, size, size], scale=1.0 / 255.0, mean=list(IMAGENET_MEAN),
                              std=list(IMAGENET_STD), num_classes=10)
@@ -155,25 +157,31 @@ def local_views(cfg: config.Config, teacher: str) -> tuple[list[str], np.ndarray
     return keys, np.concatenate(xs)
 
 
+def gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def load_model(cfg: config.Config, teacher: str):
-    from kdpipe.teachers import load_teacher
+    """The teacher as the plain loop runs it: a TeacherRunner on the device and at the precision
+    the teacher's actors use (a GPU with bf16 autocast when there is one, else the CPU, fp32)."""
+    from kdpipe.teachers import TeacherRunner, load_teacher
 
     t = next(t for t in cfg.teachers if t.name == teacher)
     pre = config.preprocess_for(cfg, teacher)
     model = load_teacher(t.name, t.arch, t.checkpoint, cfg.cache.storage_options, cfg.data.num_classes,
                          pre.image_shape)
-    return model, pre
+    return TeacherRunner(model, pre, "cuda" if t.num_gpus > 0 else "cpu", config.teacher_precision(t))
 
 
-def plain_loop(model, pre, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
-    """The reference: logits float32 [N, C] of uint8 x [N, C, H, W], batch by batch, and seconds."""
-    import torch
-
+def plain_loop(runner, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
+    """The reference: logits float32 [N, C] of uint8 x [N, C, H, W], batch by batch, and seconds
+    (on a GPU, up to the last batch's logits back on the host)."""
     out = []
     started = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            out.append(model(pre.normalise(torch.from_numpy(x[i:i + batch_size]))).float().numpy())
+    for i in range(0, len(x), batch_size):
+        out.append(runner(x[i:i + batch_size]))
     return np.concatenate(out), time.perf_counter() - started
 
 
@@ -218,7 +226,7 @@ def label_stage(mat, cfg: config.Config, teacher: str, plan: runtime.ActorPlan,
             "name": t.name, "arch": t.arch, "checkpoint": t.checkpoint,
             "storage_options": cfg.cache.storage_options, "num_classes": cfg.data.num_classes,
             "preprocess": pre, "view": pre.view(), "shard_ids": None, "num_threads": plan.threads,
-            "allow_import": cfg.allow_import,
+            "allow_import": cfg.allow_import, "precision": config.teacher_precision(t),
         },
         batch_size=t.batch_size,
         compute=ray.data.ActorPoolStrategy(size=plan.pool_size),
@@ -312,14 +320,14 @@ def generation_throughput(workdir: str, size: float = 1, repeats: int = 3, arch:
     # plain model's first batches. Actor start-up is not warmed: every execution starts its pool.
     mat = preprocessed(cfg)
     keys, x = local_views(cfg, arch)
-    model, pre = load_model(cfg, arch)
-    plain_loop(model, pre, x[:2 * batch_size], batch_size)
+    runner = load_model(cfg, arch)
+    plain_loop(runner, x[:2 * batch_size], batch_size)
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "stage": [], "generate": []}
     last: dict[str, Any] = {}
     for r in range(repeats):
         for side in _order(list(runs), r):
             if side == "plain":
-                last["plain"], seconds = plain_loop(model, pre, x, batch_size)
+                last["plain"], seconds = plain_loop(runner, x, batch_size)
                 runs[side].append({"rows": len(last["plain"]), "seconds": seconds})
             elif side == "stage":
                 last["stage"] = label_stage(mat, cfg, arch, plan)
@@ -479,22 +487,33 @@ def actor_plan(cpus: float, actors: int) -> runtime.ActorPlan:
     return runtime.ActorPlan(num_cpus=min(1.0, max(0.05, round(share, 2))), num_gpus=0.0, pool_size=actors, threads=1)
 
 
+def gpu_actor_plan(cpus: float, gpus: float, actors: int) -> runtime.ActorPlan:
+    """`actors` actors sharing the GPUs (fractional), with the CPUs left for decoding."""
+    return runtime.ActorPlan(num_cpus=max(0.05, round(cpus * runtime.TEACHER_CPU_SHARE / actors, 2)),
+                             num_gpus=gpus / actors, pool_size=actors, threads=1)
+
+
 def actor_scaling(workdir: str, size: float = 1, repeats: int = 2, arch: str = "resnet18", image_size: int = 64,
                   batch_size: int = 32, shards: int = 16, actors: list[int] | None = None) -> dict[str, Any]:
     """Labelling-stage samples/s with 1, 2, 4 ... actors (default: powers of two up to twice the
     CPUs), alternating, `repeats` rounds; speed-up and efficiency per actor against 1 actor.
     `size` scales the rows (size x 384)."""
     runtime.ensure_ray(None, None)
-    cpus = runtime.cluster_cpus_gpus()[0]
-    counts = sorted(set(actors or [2 ** i for i in range(8) if 2 ** i <= max(2, 2 * cpus)]))
+    cpus, gpus = runtime.cluster_cpus_gpus()
+    counts = sorted(set(actors or [2 ** i for i in range(8) if 2 ** i <= max(2, 2 * cpus)
+                                   and (not gpus or 2 ** i <= 4 * gpus)]))  # a GPU: up to 4 actors each
     rows = max(shards, int(384 * size))
     cfg = prepare(workdir, "p7", rows, image_size, shards, {arch: arch}, batch_size)
+
+    def actor_plan_for(n: int) -> runtime.ActorPlan:  # on a GPU host the actors share its GPUs
+        return gpu_actor_plan(cpus, gpus, n) if cfg.teachers[0].num_gpus > 0 else actor_plan(cpus, n)
+
     mat = preprocessed(cfg)  # warm-up: Ray started, read workers up; every run starts its actors
     load_model(cfg, arch)  # and the driver's imports
     runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
     for r in range(repeats):
         for n in _order(counts, r):
-            res = label_stage(mat, cfg, arch, actor_plan(cpus, n), wait_for_actors=True)
+            res = label_stage(mat, cfg, arch, actor_plan_for(n), wait_for_actors=True)
             runs[n].append({k: res[k] for k in ("rows", "seconds", "startup_s", "labelling_s")})
     out: dict[str, Any] = {"arch": arch, "image": [3, image_size, image_size], "rows": rows, "shards": shards,
                            "batch_size": batch_size, "repeats": repeats, "cluster_cpus": cpus, "runs": []}
@@ -502,7 +521,7 @@ def actor_scaling(workdir: str, size: float = 1, repeats: int = 2, arch: str = "
     for n, values in runs.items():
         rate = _summary([v["rows"] / v["labelling_s"] for v in values])
         base = base or rate["median"]
-        plan = actor_plan(cpus, n)
+        plan = actor_plan_for(n)
         out["runs"].append({"actors": n, "num_cpus": plan.num_cpus, "threads": plan.threads,
                             "rows": [v["rows"] for v in values], "samples_per_s": rate,
                             "wall_samples_per_s": _summary([v["rows"] / v["seconds"] for v in values]),

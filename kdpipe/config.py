@@ -76,6 +76,9 @@ class TeacherConfig:
     num_cpus: float | None = None  # per actor; None = sized from the cluster
     num_gpus: float = 0.0
     pool_size: int | None = None  # actors in this teacher's pool; None = sized from the cluster
+    # auto: bf16 autocast (and channels-last) when the teacher runs on a GPU (num_gpus > 0), fp32
+    # on a CPU | fp32 | bf16. Part of the teacher digest unless fp32: other precision, other labels.
+    precision: str = "auto"
     labels: dict[str, Any] = field(default_factory=dict)  # overrides of the `labels` section for this teacher
     preprocess: dict[str, Any] = field(default_factory=dict)  # overrides of data.image_shape/resize/scale/mean/std
     # `kdpipe demo` trains the teacher when its checkpoint is missing:
@@ -179,6 +182,13 @@ def default_teachers() -> list[TeacherConfig]:
     ]
 
 
+def teacher_precision(t: TeacherConfig) -> str:
+    """The precision a teacher's actors run at: `precision`, with auto resolved by where they run."""
+    from kdpipe.teachers import resolve_precision
+
+    return resolve_precision(t.precision, t.num_gpus > 0)
+
+
 def validate(cfg: Config) -> None:
     """Check values that types cannot; raise ConfigError naming the key and the value."""
     def bad(key: str, value: Any, hint: str) -> ConfigError:
@@ -237,6 +247,9 @@ def validate(cfg: Config) -> None:
             raise bad(f"teachers[{i}].arch", t.arch, f"teacher {t.name!r} needs an architecture")
         if t.batch_size < 1:
             raise bad(f"teachers[{i}].batch_size", t.batch_size, "must be >= 1")
+        if t.precision not in ("auto", "fp32", "bf16"):
+            raise bad(f"teachers[{i}].precision", t.precision,
+                      "use auto (bf16 on a GPU, fp32 on a CPU), fp32 or bf16")
         unknown = sorted(set(t.labels) - {f.name for f in dataclasses.fields(LabelConfig)})
         if unknown:
             raise ConfigError(f"unknown config key 'teachers[{i}].labels.{unknown[0]}': known keys here are "

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kdpipe import cache, datasets, faults, labels, runtime, storage
-from kdpipe.config import Config, labels_for, preprocess_for
+from kdpipe.config import Config, labels_for, preprocess_for, teacher_precision
 from kdpipe.teachers import (
     TeacherInfo,
     TeacherPredictor,
@@ -84,7 +84,7 @@ def inspect_teachers(cfg: Config) -> list[TeacherInfo]:
     for t in cfg.teachers:
         pre = preprocess_for(cfg, t.name)
         infos.append(inspect_teacher(t.name, t.arch, t.checkpoint, cfg.cache.storage_options, cfg.data.num_classes,
-                                     pre.image_shape, pre.spec(), cfg.allow_import))
+                                     pre.image_shape, pre.spec(), cfg.allow_import, teacher_precision(t)))
     return infos
 
 
@@ -165,6 +165,7 @@ def generate(cfg: Config, progress: bool = True, inv: Inventory | None = None) -
             results[name].rows_labelled = sum(r["rows"] for r in recs.values())
 
     teacher_by_name = {i.name: i for i in infos}
+    precision = {t.name: teacher_precision(t) for t in cfg.teachers}
     for name, directory in dirs.items():
         units = [done[name][s.shard_id] for s in shards]
         manifest = cache.read_manifest(fs, directory)
@@ -172,7 +173,7 @@ def generate(cfg: Config, progress: bool = True, inv: Inventory | None = None) -
             info = teacher_by_name[name]
             teacher_meta = {"name": name, "arch": info.arch, "digest": info.digest,
                             "checkpoint": info.checkpoint, "checkpoint_sha256": info.checkpoint_sha256,
-                            "metrics": info.metrics}
+                            "metrics": info.metrics, "precision": precision[name]}
             manifest = cache.build_manifest(teacher_meta, fingerprint, cfg.data.train, settings[name], units)
             storage.write_json(fs, storage.join(directory, cache.MANIFEST), manifest)
         results[name].quality = manifest["quality"]
@@ -212,8 +213,8 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[datasets.Inp
     for t, plan in zip(teachers, plans, strict=True):
         bundles = len(shards) if rows is None else min(len(shards), max(1, math.ceil(rows / t.batch_size)))
         size = min(plan.pool_size, bundles)
-        log.info("teacher %s: %d actor(s) x %.2f CPU, %.2f GPU, batch %d", t.name, size,
-                 plan.num_cpus, plan.num_gpus, t.batch_size)
+        log.info("teacher %s: %d actor(s) x %.2f CPU, %.2f GPU, batch %d, %s", t.name, size,
+                 plan.num_cpus, plan.num_gpus, t.batch_size, teacher_precision(t))
         ds = ds.map_batches(
             TeacherPredictor,
             fn_constructor_kwargs={
@@ -222,6 +223,7 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[datasets.Inp
                 "preprocess": pre[t.name], "view": pre[t.name].view(),
                 "shard_ids": None if len(todo[t.name]) == len(shards) else todo[t.name],
                 "num_threads": plan.threads, "allow_import": cfg.allow_import, "fault": fault,
+                "precision": teacher_precision(t),
             },
             batch_size=t.batch_size,
             compute=ray.data.ActorPoolStrategy(size=size),

@@ -31,7 +31,7 @@ class TeacherInfo:
     arch: str
     checkpoint: str
     checkpoint_sha256: str
-    digest: str  # hash of checkpoint bytes, architecture, class count and preprocessing
+    digest: str  # hash of checkpoint bytes, architecture, class count, preprocessing (and precision)
     num_classes: int
     metrics: dict[str, Any]  # what the checkpoint says about itself (e.g. held-out accuracy)
 
@@ -77,8 +77,9 @@ def _fit_state_dict(name: str, uri: str, arch: str, model: torch.nn.Module,
 
 def inspect_teacher(name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
                     num_classes: int, input_shape: tuple[int, ...], preprocessing: dict[str, Any],
-                    allow_import: bool = False) -> TeacherInfo:
-    """Validate a teacher without running it and compute its digest."""
+                    allow_import: bool = False, precision: str = "fp32") -> TeacherInfo:
+    """Validate a teacher without running it and compute its digest. `precision` (resolved:
+    fp32 or bf16) is part of the digest when it is not fp32: bf16 labels are other labels."""
     data = read_checkpoint_bytes(name, checkpoint, storage_options)
     state_dict, meta = parse_checkpoint(name, checkpoint, data)
     with torch.device("meta"):
@@ -108,6 +109,8 @@ def inspect_teacher(name: str, arch: str, checkpoint: str, storage_options: dict
     sha = storage.sha256_bytes(data)
     body = {"checkpoint_sha256": sha, "arch": arch, "num_classes": num_classes,
             "input_shape": list(input_shape), "preprocessing": preprocessing}
+    if precision != "fp32":
+        body["precision"] = precision
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     metrics = meta.get("metrics", {}) if isinstance(meta.get("metrics"), dict) else {}
     return TeacherInfo(name, arch, checkpoint, sha, digest, num_classes, metrics)
@@ -143,6 +146,46 @@ def mask_column(name: str) -> str:
     return f"labelled__{name}"
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    """"auto" is bf16 autocast where the teacher runs on a GPU and fp32 on a CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"teacher precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if on_gpu else "fp32"
+    return precision
+
+
+class TeacherRunner:
+    """A teacher's forward pass from uint8 [N, C, H, W] to float32 logits, as generation runs it
+    (and as the benchmarks' plain loop runs it, so both sides compute the same): the uint8 batch
+    crosses to the device, is normalised there, and runs under inference mode; with precision
+    "bf16" under bf16 autocast, and on a GPU in channels-last memory format for image models."""
+
+    def __init__(self, model: torch.nn.Module, preprocess: Preprocess, device: torch.device | str,
+                 precision: str = "fp32") -> None:
+        self.device = torch.device(device)
+        self.preprocess = preprocess
+        self.precision = resolve_precision(precision, self.device.type == "cuda")
+        self.channels_last = self.device.type == "cuda" and len(preprocess.image_shape) == 3
+        model = model.to(self.device).eval()
+        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            inp = torch.from_numpy(np.ascontiguousarray(x))
+            if self.device.type == "cuda":
+                inp = inp.pin_memory()
+            inp = self.preprocess.normalise(inp.to(self.device, non_blocking=True))
+            if self.channels_last:
+                inp = inp.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                out = self.model(inp)
+            return out.float().cpu().numpy()
+
+
 class TeacherPredictor:
     """Ray Data actor: adds `logits__<name>` [B, C] float32 and `labelled__<name>` [B] bool.
 
@@ -154,7 +197,8 @@ class TeacherPredictor:
 
     def __init__(self, name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
                  num_classes: int, preprocess: Preprocess, view: str, shard_ids: list[str] | None,
-                 num_threads: int = 1, device: str = "auto", allow_import: bool = False, fault=None) -> None:
+                 num_threads: int = 1, device: str = "auto", allow_import: bool = False, fault=None,
+                 precision: str = "fp32") -> None:
         torch.set_num_threads(max(1, num_threads))
         self.fault, self.calls = fault, 0  # test-only (kdpipe.faults)
         if device == "auto":
@@ -164,8 +208,9 @@ class TeacherPredictor:
         self.num_classes = num_classes
         self.shard_ids = None if shard_ids is None else set(shard_ids)
         self.preprocess, self.view = preprocess, view
-        self.model = load_teacher(name, arch, checkpoint, storage_options, num_classes,
-                                  preprocess.image_shape, allow_import).to(self.device)
+        self.runner = TeacherRunner(load_teacher(name, arch, checkpoint, storage_options, num_classes,
+                                                 preprocess.image_shape, allow_import),
+                                    preprocess, self.device, precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls += 1
@@ -180,9 +225,7 @@ class TeacherPredictor:
             mask &= np.isin(batch["shard_id"].astype(str), list(self.shard_ids))
         logits = np.zeros((n, self.num_classes), dtype=np.float32)
         if mask.any():
-            with torch.inference_mode():
-                inp = torch.from_numpy(np.ascontiguousarray(x[mask])).to(self.device, non_blocking=True)
-                logits[mask] = self.model(self.preprocess.normalise(inp)).float().cpu().numpy()
+            logits[mask] = self.runner(x if mask.all() else x[mask])
         batch[logits_column(self.name)] = logits
         batch[mask_column(self.name)] = mask
         return batch

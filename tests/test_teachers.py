@@ -136,3 +136,29 @@ def test_module_function_teachers_need_the_explicit_opt_in(tmp_path, monkeypatch
              "preprocess": {"image_shape": [1, 8, 8], "scale": 1.0, "mean": [], "std": []}}
     with pytest.raises(ValueError, match="allow_import"):
         load_student(state)
+
+
+def test_bf16_precision_runs_under_autocast_and_is_part_of_the_digest(tmp_path):
+    """precision: auto is fp32 on a CPU and bf16 on a GPU; bf16 (testable on a CPU too) gives
+    logits close to fp32's but not equal, so it is in the digest: other labels, other units."""
+    from kdpipe.config import ConfigError, load_config, teacher_precision
+    from kdpipe.teachers import resolve_precision
+
+    assert resolve_precision("auto", on_gpu=False) == "fp32" and resolve_precision("auto", on_gpu=True) == "bf16"
+    cfg = load_config(None, ["teachers.0.num_gpus=0.5", "teachers.1.precision=bf16"])
+    assert [teacher_precision(t) for t in cfg.teachers] == ["bf16", "bf16", "fp32"]
+    with pytest.raises(ConfigError, match=r"teachers\[0\].precision='fp16'"):
+        load_config(None, ["teachers.0.precision=fp16"])
+
+    path = _save(tmp_path, "cnn", 10)
+    pre = make_preprocess([1, 8, 8], None, 1 / 16, [0.5], [0.25])
+    x = np.random.default_rng(1).integers(0, 17, (32, 1, 8, 8), dtype=np.uint8)
+    batch = {"view": x, "shard_id": np.full(32, "a", dtype=object)}
+    fp32 = TeacherPredictor("t", "cnn", path, {}, 10, pre, "view", None, device="cpu")(dict(batch))
+    bf16 = TeacherPredictor("t", "cnn", path, {}, 10, pre, "view", None, device="cpu", precision="bf16")(dict(batch))
+    a, b = fp32[logits_column("t")], bf16[logits_column("t")]
+    assert b.dtype == np.float32 and not np.array_equal(a, b)  # bf16 compute, float32 labels
+    assert np.abs(a - b).max() < 0.05 * max(1.0, np.abs(a).max())
+    digests = {p: inspect_teacher("t", "cnn", path, {}, 10, (1, 8, 8), PRE, precision=p).digest for p in ("fp32", "bf16")}
+    assert digests["fp32"] == inspect_teacher("t", "cnn", path, {}, 10, (1, 8, 8), PRE).digest
+    assert digests["fp32"] != digests["bf16"]
