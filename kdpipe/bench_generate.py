@@ -226,12 +226,12 @@ def label_stage(mat, cfg: config.Config, teacher: str, plan: runtime.ActorPlan,
             "name": t.name, "arch": t.arch, "checkpoint": t.checkpoint,
             "storage_options": cfg.cache.storage_options, "num_classes": cfg.data.num_classes,
             "preprocess": pre, "view": pre.view(), "shard_ids": None, "num_threads": plan.threads,
-            "allow_import": cfg.allow_import, "precision": config.teacher_precision(t),
+            "allow_import": cfg.allow_import, "precision": config.teacher_precision(t), "drop": [pre.view()],
         },
         batch_size=t.batch_size,
         compute=ray.data.ActorPoolStrategy(size=plan.pool_size),
         num_cpus=plan.num_cpus,
-    ).drop_columns([pre.view()])
+    )
     if wait_for_actors:
         ds.context.wait_for_min_actors_s = 600
     keys, logits, t_start, t_end, t_init, t_ready, calls = [], [], [], [], [], [], set()

@@ -193,12 +193,14 @@ class TeacherPredictor:
     teachers that use the same) and normalises it on its own device. Only rows whose `shard_id`
     is in `shard_ids` run through the teacher (others, and placeholder rows, get zeros and
     labelled=False), so one pass over the inputs serves teachers that miss different shards.
+    The columns in `drop` (the image views no later teacher reads) are left out of its output:
+    images cross the object store into the teachers, and only labels come out of the last one.
     """
 
     def __init__(self, name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
                  num_classes: int, preprocess: Preprocess, view: str, shard_ids: list[str] | None,
                  num_threads: int = 1, device: str = "auto", allow_import: bool = False, fault=None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", drop: list[str] | tuple[str, ...] = ()) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.fault, self.calls = fault, 0  # test-only (kdpipe.faults)
         if device == "auto":
@@ -208,6 +210,7 @@ class TeacherPredictor:
         self.num_classes = num_classes
         self.shard_ids = None if shard_ids is None else set(shard_ids)
         self.preprocess, self.view = preprocess, view
+        self.drop = tuple(drop)
         self.runner = TeacherRunner(load_teacher(name, arch, checkpoint, storage_options, num_classes,
                                                  preprocess.image_shape, allow_import),
                                     preprocess, self.device, precision)
@@ -228,4 +231,6 @@ class TeacherPredictor:
             logits[mask] = self.runner(x if mask.all() else x[mask])
         batch[logits_column(self.name)] = logits
         batch[mask_column(self.name)] = mask
+        for column in self.drop:  # image views no later teacher reads: not shipped on as output
+            batch.pop(column, None)
         return batch
