@@ -50,6 +50,19 @@ MULTI_TEACHERS = {"resnet18": "resnet18", "efficientnet_b0": "efficientnet_b0",
                   "mobilenet_v3_small": "mobilenet_v3_small"}
 
 
+# What the benchmarks label by default: on a CPU, small teachers on 64 px images (the suite fits
+# in minutes on 2 cores); on a CUDA host, teachers of realistic size on 224 px images, with more
+# rows (x `rows`) so that the GPU's runs last seconds, not milliseconds.
+CPU_SETUP = {"arch": "resnet18", "image_size": 64, "batch_size": 64, "teachers": MULTI_TEACHERS, "rows": 1}
+GPU_SETUP = {"arch": "resnet50", "image_size": 224, "batch_size": 256,
+             "teachers": {"resnet50": "resnet50", "vit_b_16": "vit_b_16", "convnext_tiny": "convnext_tiny"},
+             "rows": 8}
+
+
+def setup(on_gpu: bool | None = None) -> dict[str, Any]:
+    return GPU_SETUP if (gpu() if on_gpu is None else on_gpu) else CPU_SETUP
+
+
 # --- Inputs and teachers --------------------------------------------------------------------------
 
 
@@ -306,8 +319,9 @@ def read_tasks(windows: list[tuple[float, float]], at_least: int = 0, wait_s: fl
 # --- P1 -------------------------------------------------------------------------------------------
 
 
-def generation_throughput(workdir: str, size: float = 1, repeats: int = 3, arch: str = "resnet18",
-                          image_size: int = 64, batch_size: int = 64, shards: int = 8) -> dict[str, Any]:
+def generation_throughput(workdir: str, size: float = 1, repeats: int = 3, arch: str | None = None,
+                          image_size: int | None = None, batch_size: int | None = None,
+                          shards: int = 8) -> dict[str, Any]:
     """One teacher's samples/s: plain PyTorch loop, the Ray Data labelling stage, the whole
     generate() path; alternating, `repeats` rounds. `size` scales the rows (size x 2048: at 512
     the labelling span of 2 CPU actors is about a second, and the skew of their start-up is
@@ -316,7 +330,9 @@ def generation_throughput(workdir: str, size: float = 1, repeats: int = 3, arch:
     import torch
 
     runtime.ensure_ray(None, None)
-    rows = max(shards, int(2048 * size))
+    d = setup()
+    arch, image_size, batch_size = arch or d["arch"], image_size or d["image_size"], batch_size or d["batch_size"]
+    rows = max(shards, int(2048 * size * d["rows"]))
     cfg = prepare(workdir, "p1", rows, image_size, shards, {arch: arch}, batch_size)
     (plan,) = _plan(cfg)
     # Warm-up: Ray started, read workers up (the materialising pass), the driver's imports, the
@@ -409,14 +425,17 @@ def _single(cfg: config.Config, teacher: str) -> config.Config:
 
 
 def multi_teacher_pass(workdir: str, size: float = 1, repeats: int = 2, teachers: dict[str, str] | None = None,
-                       image_size: int = 64, batch_size: int = 64, shards: int = 8) -> dict[str, Any]:
+                       image_size: int | None = None, batch_size: int | None = None,
+                       shards: int = 8) -> dict[str, Any]:
     """Seconds to label every row with `teachers` ({name: arch}, default the three of
     MULTI_TEACHERS): one generate() call (one pass) against one call per teacher (separate),
     alternating, `repeats` rounds, every run into a fresh cache root; and the input-shard reads
     of every run. `size` scales the rows (size x 256)."""
     runtime.ensure_ray(None, None)
-    teachers = dict(teachers or MULTI_TEACHERS)
-    rows = max(shards, int(256 * size))
+    d = setup()
+    teachers = dict(teachers or d["teachers"])
+    image_size, batch_size = image_size or d["image_size"], batch_size or d["batch_size"]
+    rows = max(shards, int(256 * size * d["rows"]))
     cfg = prepare(workdir, "p2", rows, image_size, shards, teachers, batch_size)
     preprocessed(cfg)  # warm-up: Ray started, read workers up, the inputs in the page cache
     generate.inspect_teachers(cfg)  # and the driver's imports, every architecture
@@ -496,8 +515,9 @@ def gpu_actor_plan(cpus: float, gpus: float, actors: int) -> runtime.ActorPlan:
                              num_gpus=gpus / actors, pool_size=actors, threads=1)
 
 
-def actor_scaling(workdir: str, size: float = 1, repeats: int = 2, arch: str = "resnet18", image_size: int = 64,
-                  batch_size: int = 32, shards: int = 16, actors: list[int] | None = None) -> dict[str, Any]:
+def actor_scaling(workdir: str, size: float = 1, repeats: int = 2, arch: str | None = None,
+                  image_size: int | None = None, batch_size: int | None = None, shards: int = 16,
+                  actors: list[int] | None = None) -> dict[str, Any]:
     """Labelling-stage samples/s with 1, 2, 4 ... actors (default: powers of two up to twice the
     CPUs), alternating, `repeats` rounds; speed-up and efficiency per actor against 1 actor.
     `size` scales the rows (size x 384)."""
@@ -505,7 +525,10 @@ def actor_scaling(workdir: str, size: float = 1, repeats: int = 2, arch: str = "
     cpus, gpus = runtime.cluster_cpus_gpus()
     counts = sorted(set(actors or [2 ** i for i in range(8) if 2 ** i <= max(2, 2 * cpus)
                                    and (not gpus or 2 ** i <= 4 * gpus)]))  # a GPU: up to 4 actors each
-    rows = max(shards, int(384 * size))
+    d = setup()
+    arch, image_size = arch or d["arch"], image_size or d["image_size"]
+    batch_size = batch_size or d["batch_size"] // 2
+    rows = max(shards, int(384 * size * d["rows"]))
     cfg = prepare(workdir, "p7", rows, image_size, shards, {arch: arch}, batch_size)
 
     def actor_plan_for(n: int) -> runtime.ActorPlan:  # on a GPU host the actors share its GPUs

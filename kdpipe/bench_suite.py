@@ -29,10 +29,12 @@ def _summary(values: list[float]) -> dict[str, Any]:
 
 
 def regeneration_cost(workdir: str, repeats: int = 2, size: float = 1.0, teachers: dict[str, str] | None = None,
-                      image_size: int = 64, batch_size: int = 64, shards: int = 8) -> dict[str, Any]:
+                      image_size: int | None = None, batch_size: int | None = None,
+                      shards: int = 8) -> dict[str, Any]:
     """P6: after one of three teachers changes, regenerate's work (teacher forward passes) and
     time vs a full generation of all three into an empty cache, alternating. P2's setup: three
-    torchvision teachers (random weights) over size x 512 synthetic 64 px RGB images.
+    torchvision teachers (random weights) over size x 512 synthetic 64 px RGB images (on a CUDA
+    host: bench_generate.GPU_SETUP).
 
     Both sides pay a fixed start-up (Ray Data planning, actor processes, imports, checkpoint
     loads: ~8-10 s on 2 cores) that does not grow with the data, so the time ratio approaches
@@ -40,8 +42,10 @@ def regeneration_cost(workdir: str, repeats: int = 2, size: float = 1.0, teacher
     from kdpipe import bench_generate
 
     runtime.ensure_ray(None, None)
-    teachers = dict(teachers or bench_generate.MULTI_TEACHERS)
-    rows = max(shards, int(512 * size))
+    d = bench_generate.setup()
+    teachers = dict(teachers or d["teachers"])
+    image_size, batch_size = image_size or d["image_size"], batch_size or d["batch_size"]
+    rows = max(shards, int(512 * size * d["rows"]))
     base = bench_generate.prepare(workdir, "p6", rows, image_size, shards, teachers, batch_size)
     full_s, full_work, regen_s, regen_work = [], [], [], []
     changed = base.teachers[1]

@@ -54,3 +54,19 @@ def test_multi_teacher_pass_labels_everything_and_reads_each_shard_once(ray_clus
     assert r["separate"]["read_tasks"] == [6]
     assert _finite_positive(r["one_over_separate"], *r["separate"]["seconds"]["each"])
     assert "one pass / separate" in bg.format_multi_teacher(r)
+
+
+def test_cpu_and_gpu_setups_name_teachers_that_build_for_their_image_size():
+    """The CPU setup is what runs here; the CUDA one (issue's realistic teachers at 224 px) must
+    at least name torchvision models that take its images and give 10 classes."""
+    import torch
+
+    from kdpipe.models import build_model
+
+    assert bg.setup(on_gpu=False) == bg.CPU_SETUP and bg.CPU_SETUP["arch"] == "resnet18"
+    gpu = bg.setup(on_gpu=True)
+    assert gpu["image_size"] == 224 and set(gpu["teachers"].values()) == {"resnet50", "vit_b_16", "convnext_tiny"}
+    for arch in {gpu["arch"], *gpu["teachers"].values()}:
+        with torch.device("meta"):
+            out = build_model(arch, 10, (3, 224, 224))(torch.empty(2, 3, 224, 224))
+        assert tuple(out.shape) == (2, 10), arch
