@@ -34,6 +34,7 @@ ENSEMBLES = ("mean", "sum")  # how teachers combine (kdpipe.losses)
 KINDS = ("kl", "soft_ce", "mse")  # distillation loss variants
 WEIGHTINGS = ("fixed", "confidence", "correctness")  # per-sample teacher weighting
 PREPROCESS_KEYS = ("image_shape", "resize", "scale", "mean", "std")
+PRECISIONS = ("auto", "fp32", "bf16")  # a teacher's compute precision (kdpipe.teachers.resolve_precision)
 
 
 @dataclass
@@ -247,7 +248,7 @@ def validate(cfg: Config) -> None:
             raise bad(f"teachers[{i}].arch", t.arch, f"teacher {t.name!r} needs an architecture")
         if t.batch_size < 1:
             raise bad(f"teachers[{i}].batch_size", t.batch_size, "must be >= 1")
-        if t.precision not in ("auto", "fp32", "bf16"):
+        if t.precision not in PRECISIONS:
             raise bad(f"teachers[{i}].precision", t.precision,
                       "use auto (bf16 on a GPU, fp32 on a CPU), fp32 or bf16")
         unknown = sorted(set(t.labels) - {f.name for f in dataclasses.fields(LabelConfig)})

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kdpipe import storage
+from kdpipe.config import PRECISIONS
 from kdpipe.images import Preprocess
 from kdpipe.models import build_model
 
@@ -144,9 +145,6 @@ def logits_column(name: str) -> str:
 
 def mask_column(name: str) -> str:
     return f"labelled__{name}"
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:
