@@ -238,6 +238,7 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[datasets.Inp
     expected: dict[str, int] = {}
     skipped: dict[str, list[dict[str, str]]] = defaultdict(list)
     written: dict[str, dict[str, dict]] = {t.name: {} for t in teachers}
+    committed = 0  # units committed by this run
     bar = tqdm(total=sum(len(v) for v in todo.values()), desc="units committed", unit="unit", disable=not progress)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         sids = batch["shard_id"].astype(str)
@@ -263,14 +264,14 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[datasets.Inp
                         except Exception as e:
                             if not storage.unreachable(e):
                                 raise
-                            kept = sum(len(w) for w in written.values())
                             raise storage.StorageUnreachable(
                                 f"cache {fs.unstrip_protocol(dirs[t.name])}: the store stopped answering while "
-                                f"committing teacher {t.name!r}, input shard {by_id[sid].uri} ({e}). The {kept} "
+                                f"committing teacher {t.name!r}, input shard {by_id[sid].uri} ({e}). The {committed} "
                                 "unit(s) committed before are kept and nothing partial is visible: rerun the "
                                 "same command once the store answers; it labels only what is missing") from e
+                        committed += 1
                         bar.update(1)
-                        faults.units_committed(fault, sum(len(w) for w in written.values()))
+                        faults.units_committed(fault, committed)
     bar.close()
     incomplete = {sid: counts.get(sid, 0) for sid in by_id if sid not in expected or counts[sid] != expected[sid]}
     if incomplete:

