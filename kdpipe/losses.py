@@ -119,7 +119,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     temperature; always the "sum" ensemble over k + 1 bins, see topk_kd_kl), or neither (plain
     supervised training); labels [B] or None (label-free distillation). weights [K] or None;
     temperatures: one per teacher or None (all `temperature`). Returns (loss, {"kd", "ce",
-    "loss"} as floats for logging).
+    "loss"} as detached scalar tensors for logging, on the loss's device).
     """
     if teacher_topk is not None and teacher_logits is not None:
         raise ValueError("give teacher_logits or teacher_topk, not both")
@@ -157,8 +157,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         loss = parts["kd"] if "kd" in parts else student_logits.sum() * 0.0
     else:
         loss = alpha * parts.get("kd", 0.0) + (1 - alpha) * parts.get("ce", 0.0)
-    logged = {k: float(v.detach()) for k, v in parts.items()}
-    logged["loss"] = float(loss.detach())
+    # Detached tensors, not floats: a float() per step would wait for the GPU on every step.
+    logged = {k: v.detach() for k, v in parts.items()}
+    logged["loss"] = loss.detach()
     return loss, logged
 
 
@@ -174,16 +175,38 @@ def _plain_mean(weights, weighting: str, temperatures, temperature: float, ensem
         bool(torch.all(torch.as_tensor(temperatures, dtype=torch.float32) == float(temperature)))
 
 
+class _MeanKD(torch.autograd.Function):
+    """T^2 KL (or soft CE) of softmax(s / T) from the mean of the teachers' softmax(z / T), batch
+    mean, with its gradient written out: d/ds = T (softmax(s / T) - p) / B (p sums to 1). One
+    saved tensor and three ops backward, where autograd would retrace division, log-softmax,
+    KL and the means: the step of a small student on cached labels costs little more than a
+    plain one. The teachers' logits are data and get no gradient."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, z: torch.Tensor, temperature: float, kl: bool) -> torch.Tensor:
+        dtype = torch.promote_types(torch.promote_types(s.dtype, z.dtype), torch.float32)
+        p = F.softmax(z.to(dtype) / temperature, dim=-1).mean(dim=1)  # [B, C]
+        log_q = F.log_softmax(s.to(dtype) / temperature, dim=-1)
+        cross = torch.xlogy(p, p).sub_(p * log_q) if kl else (p * log_q).neg_()
+        ctx.save_for_backward(log_q, p)
+        ctx.temperature, ctx.in_dtype = temperature, s.dtype
+        return cross.sum() * (temperature**2 / s.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        log_q, p = ctx.saved_tensors
+        scale = grad * (ctx.temperature / log_q.shape[0])
+        return (log_q.exp().sub_(p).mul_(scale)).to(ctx.in_dtype), None, None, None
+
+
 def _mean_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, kind: str) -> torch.Tensor:
     """T^2 KL (or soft CE) of the student from the mean of the teachers' softmax(z/T), batch mean."""
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-    p = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1).mean(dim=1)  # [B, C]
-    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    if kind == "kl":
-        term = F.kl_div(log_q, p, reduction="batchmean")
-    else:
-        term = -(p * log_q).sum(dim=-1).mean()
-    return term * temperature**2
+    if teacher_logits.requires_grad:  # not kdpipe's case (cached or no_grad teachers): let autograd do it
+        dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+        p = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1).mean(dim=1)
+        log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+        return _soft_term(log_q, p, kind).mean() * temperature**2
+    return _MeanKD.apply(student_logits, teacher_logits, float(temperature), kind == "kl")
 
 
 def _temperatures(temperatures, k: int, default: float) -> torch.Tensor:

@@ -51,7 +51,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                temperature: float, alpha: float, weights: torch.Tensor | None,
                loss_options: dict[str, Any] | None = None, use_labels: bool = True) -> dict[str, float]:
     """One optimiser step. loss_options: temperatures / ensemble / kind / weighting for
-    losses.distillation_loss. Returns the loss parts as floats."""
+    losses.distillation_loss. Returns the loss parts as detached scalar tensors on the model's
+    device (the caller sums them and reads them once per epoch: no wait for the GPU per step)."""
     model.train()
     out = model(batch["x"])
     topk = (batch["topk_ids"], batch["topk_probs"], batch["topk_tail"]) if "topk_ids" in batch else None
@@ -190,12 +191,12 @@ def _train_loop(config: dict[str, Any]) -> None:
             n = len(batch["x"])
             rows += n
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v * n
+                sums[k] = sums[k] + v * n if k in sums else v * n
         t1 = time.time()
         metrics = {"epoch": epoch, "rows": rows, "samples_per_s": rows / max(1e-9, t1 - t0), "train_s": t1 - t0,
                    "alpha": alpha, "temperature": temperature, "lr": optimizer.param_groups[0]["lr"],
                    "replayed_views": replayed, "first_step_at": first_step_at}
-        metrics.update({k: v / max(1, rows) for k, v in sums.items()})
+        metrics.update({k: float(v) / max(1, rows) for k, v in sums.items()})
         if rank == 0:  # every rank holds the same weights after the DDP step
             if config["evaluate"]:
                 holdout = ray.train.get_dataset_shard("holdout")

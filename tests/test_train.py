@@ -108,8 +108,8 @@ def test_train_step_is_pure_torch():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     batch = {"x": torch.randn(8, 1, 8, 8), "label": torch.randint(0, 10, (8,)),
              "teacher_logits": torch.randn(8, 3, 10)}
-    first = train.train_step(model, opt, batch, 4.0, 0.9, None)["loss"]
+    first = float(train.train_step(model, opt, batch, 4.0, 0.9, None)["loss"])
     for _ in range(20):
-        last = train.train_step(model, opt, batch, 4.0, 0.9, None)["loss"]
+        last = float(train.train_step(model, opt, batch, 4.0, 0.9, None)["loss"])
     assert last < first
     assert np.isfinite(last)
