@@ -64,6 +64,29 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     return parts
 
 
+FETCH_ROWS = 256  # rows per batch taken from Ray Data when the step's batch is smaller
+
+
+def fetch_rows(batch_size: int) -> int:
+    """Rows per batch to take from Ray Data for steps of `batch_size`: a multiple of it, at
+    least FETCH_ROWS. Each batch from the iterator costs ~0.6 ms of conversion and bookkeeping
+    on 2 cores whatever its size, 10 % of a small model's step at batch 16; split into steps on
+    the worker (split_batches), the same rows make the same steps in the same order."""
+    return batch_size * max(1, FETCH_ROWS // batch_size)
+
+
+def split_batches(batches, batch_size: int):
+    """Cut each batch (a dict of tensors with equal first dims) into steps of `batch_size` rows;
+    the last step of a batch is shorter only when the batch is (the epoch's last)."""
+    for batch in batches:
+        n = len(next(iter(batch.values())))
+        if n <= batch_size:
+            yield batch
+            continue
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in batch.items()}
+
+
 def schedule_value(start: float, end: float | None, kind: str, epoch: int, epochs: int) -> float:
     """The value of a scheduled hyperparameter at `epoch` (0-based) of `epochs`: constant, or
     linear / cosine from `start` at the first epoch to `end` at the last."""
@@ -162,20 +185,20 @@ def _train_loop(config: dict[str, Any]) -> None:
     online = [(t["preprocess"], t["preprocess"].view(),
                load_teacher(t["name"], t["arch"], t["checkpoint"], config["storage_options"], config["num_classes"],
                             t["preprocess"].image_shape, config["allow_import"]).to(device)) for t in config["online_teachers"]]
-    train_shard = ray.train.get_dataset_shard("train")
     every, epochs = config["checkpoint_every"], config["epochs"]
     loss_options = config["loss_options"]
     first_step_at = None  # wall clock of this attempt's first optimiser step (time to first step)
-    for epoch in range(start_epoch, epochs):
-        if config["inject_fault"]:
-            _inject_fault(config["inject_fault"], epoch, rank, config["run_uri"], config["storage_options"])
-        alpha = schedule_value(config["alpha"], config["alpha_end"], config["schedule"], epoch, epochs)
-        temperature = schedule_value(config["temperature"], config["temperature_end"], config["schedule"], epoch, epochs)
+
+    def one_pass(name: str, epoch: int, alpha: float, temperature: float) -> tuple[int, float, dict, int]:
+        """One epoch's pass over dataset `name`: (rows, seconds, loss sums, replayed views)."""
+        nonlocal first_step_at
         t0, rows, sums, replayed = time.time(), 0, {}, 0
         views = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch * 1009 + rank)
-        for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
-                                                    local_shuffle_buffer_size=config["shuffle_buffer"],
-                                                    local_shuffle_seed=config["seed"] * 1000 + epoch * 10 + rank):
+        shard = ray.train.get_dataset_shard(name)
+        fetched = shard.iter_torch_batches(batch_size=fetch_rows(config["batch_size"]), device=device,
+                                           local_shuffle_buffer_size=config["shuffle_buffer"],
+                                           local_shuffle_seed=config["seed"] * 1000 + epoch * 10 + rank)
+        for batch in split_batches(fetched, config["batch_size"]):
             if online:  # the baseline kdpipe exists to avoid: every teacher runs on every batch
                 with torch.no_grad():
                     batch["teacher_logits"] = torch.stack(
@@ -192,11 +215,29 @@ def _train_loop(config: dict[str, Any]) -> None:
             rows += n
             for k, v in parts.items():
                 sums[k] = sums[k] + v * n if k in sums else v * n
-        t1 = time.time()
-        metrics = {"epoch": epoch, "rows": rows, "samples_per_s": rows / max(1e-9, t1 - t0), "train_s": t1 - t0,
+        return rows, time.time() - t0, sums, replayed
+
+    for epoch in range(start_epoch, epochs):
+        if config["inject_fault"]:
+            _inject_fault(config["inject_fault"], epoch, rank, config["run_uri"], config["storage_options"])
+        alpha = schedule_value(config["alpha"], config["alpha_end"], config["schedule"], epoch, epochs)
+        temperature = schedule_value(config["temperature"], config["temperature_end"], config["schedule"], epoch, epochs)
+        paired: dict[str, float] = {}
+        passes = ["train"]
+        if config["paired_plain"]:  # benchmarks only: a plain pass too, first on even epochs, last on odd
+            passes = ["plain", "train"] if epoch % 2 == 0 else ["train", "plain"]
+        for name in passes:
+            if name == "plain":  # labels alone (alpha 0), same workers, same steps
+                n, sec, _, _ = one_pass("plain", epoch, 0.0, temperature)
+                paired = {"plain_rows": n, "plain_train_s": sec, "plain_samples_per_s": n / max(1e-9, sec)}
+            else:
+                rows, seconds, sums, replayed = one_pass("train", epoch, alpha, temperature)
+        metrics = {"epoch": epoch, "rows": rows, "samples_per_s": rows / max(1e-9, seconds), "train_s": seconds,
                    "alpha": alpha, "temperature": temperature, "lr": optimizer.param_groups[0]["lr"],
                    "replayed_views": replayed, "first_step_at": first_step_at}
         metrics.update({k: float(v) / max(1, rows) for k, v in sums.items()})
+        metrics.update(paired)
+        t1 = time.time()
         if rank == 0:  # every rank holds the same weights after the DDP step
             if config["evaluate"]:
                 holdout = ray.train.get_dataset_shard("holdout")
@@ -283,8 +324,15 @@ def pick_views(batch: dict[str, torch.Tensor], generator: torch.Generator) -> di
     return out
 
 
-def train_student(cfg: Config, distill: bool = True, run_name: str | None = None) -> TrainReport:
+def train_student(cfg: Config, distill: bool = True, run_name: str | None = None,
+                  paired_plain: bool = False) -> TrainReport:
     """Train cfg.train.student with Ray Train. distill=False trains on labels alone (the baseline).
+
+    paired_plain (benchmarks only, `kdpipe bench student`): the same workers also stream the
+    inputs without labels joined and, every epoch, make a pass of plain supervised steps over them
+    next to the distilled pass (the order turning each epoch); each epoch's metrics then carry
+    plain_samples_per_s. Both sides are timed seconds apart in one process group, so a slow spell
+    of the machine falls on both.
 
     `cfg` must have its paths resolved. Ray is started (or joined, per cfg.ray) after the
     cached labels are found."""
@@ -333,13 +381,20 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
     row_bytes = (int(np.prod(pre.image_shape)) + sum(int(np.prod(g["size"])) * g["channels"] for g in views.values())
                  + 4 * len(units) * cfg.data.num_classes) * max(1, replay) + 16
     rows = sum(_rows_estimate(s, units) for s in shards) + sum(_rows_estimate(s, []) for s in holdout_shards)
+    if paired_plain:
+        if not distill or online:
+            raise ValueError("paired_plain pairs cached-label training with plain training: distill from the cache")
+        datasets_["plain"] = student_dataset(source, shards, pre, [], {**data, "replay": 0},
+                                             decode_cpus=cfg.data.decode_cpus)
     if holdout_shards:
         datasets_["holdout"] = student_dataset(source, holdout_shards, pre, [], {**data, "replay": 0},
                                                decode_cpus=cfg.data.decode_cpus)
     if _preload(tr.preload, rows * row_bytes):
         # Small data: decode and join once, then every epoch reads from the object store.
         datasets_ = {k: v.materialize() for k, v in datasets_.items()}
-    datasets_["train"] = datasets_["train"].randomize_block_order(seed=tr.seed)
+    for split in ("train", "plain"):
+        if split in datasets_:
+            datasets_[split] = datasets_[split].randomize_block_order(seed=tr.seed)
 
     cpus, _ = runtime.cluster_cpus_gpus()
     per_worker = runtime.plan_train_worker_cpus(cpus, tr.num_workers, tr.cpus_per_worker)
@@ -359,7 +414,7 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
                          "kind": tr.loss, "weighting": tr.teacher_weighting},
         "checkpoint_every": tr.checkpoint_every, "evaluate": bool(holdout_shards),
         "run_uri": run_uri, "storage_options": cfg.cache.storage_options, "inject_fault": tr.inject_fault,
-        "online_teachers": online_teachers,
+        "online_teachers": online_teachers, "paired_plain": paired_plain,
         "threads": max(1, int(per_worker)), "allow_import": cfg.allow_import,
     }
     trainer = TorchTrainer(
@@ -368,7 +423,7 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
         scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu,
                                                resources_per_worker={"CPU": per_worker}),
         datasets=datasets_,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in ("train", "plain") if k in datasets_]),
         run_config=run_config,
     )
     log.info("training %s (%s) on %d worker(s) x %.2f CPU", tr.student, name, tr.num_workers, per_worker)

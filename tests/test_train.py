@@ -113,3 +113,18 @@ def test_train_step_is_pure_torch():
         last = float(train.train_step(model, opt, batch, 4.0, 0.9, None)["loss"])
     assert last < first
     assert np.isfinite(last)
+
+
+def test_fetched_batches_are_cut_into_the_steps_of_the_configured_batch():
+    """The loop takes >= 256 rows per batch from Ray Data and cuts them into steps on the worker:
+    the same rows in the same order, every step batch_size rows but the epoch's last."""
+    import torch
+
+    assert train.fetch_rows(16) == 256 and train.fetch_rows(100) == 200 and train.fetch_rows(512) == 512
+    rows = torch.arange(700)
+    fetched = [{"x": rows[i:i + 256], "label": -rows[i:i + 256]} for i in range(0, 700, 256)]  # 256, 256, 188
+    steps = list(train.split_batches(fetched, 16))
+    assert [len(s["x"]) for s in steps] == [16] * 43 + [12]
+    assert torch.equal(torch.cat([s["x"] for s in steps]), rows)
+    assert all(torch.equal(s["label"], -s["x"]) for s in steps)
+    assert len(list(train.split_batches(fetched, 512))) == 3  # batches no larger than a step pass whole
