@@ -104,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(online). Prints samples/s (median, min-max), cached/plain and cached/online.")
     p.add_argument("--workdir", default=None, help="where data, teachers and cache live (default: a temporary folder)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--copies", type=int, default=8,
+                   help="train on this many copies of the digits' 899 training rows, each with its own keys and "
+                        "labels, so that an epoch lasts long enough to time (default 8: 7,192 rows)")
+    p.add_argument("--paired-epochs", type=int, default=13,
+                   help="epochs of each paired run (a cached pass and a plain pass every epoch; default 13)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value of the demo config (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -334,7 +339,8 @@ def _bench_student(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as tmp:
         workdir = args.workdir or tmp
         if args.bench_command == "student":
-            result = b.student_throughput(workdir, args.repeats, args.epochs, args.overrides)
+            result = b.student_throughput(workdir, args.repeats, args.epochs, args.overrides, args.copies,
+                                          args.paired_epochs)
             text = b.format_throughput(result)
         else:
             seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())

@@ -30,7 +30,7 @@ def _png(image: np.ndarray, upsample: int) -> bytes:
     return images.encode_png(img)
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
@@ -75,7 +75,7 @@ def write_split(fs, root: str, name: str, idx: np.ndarray, pixels: np.ndarray, t
         columns = {"sample_key": pa.array([_key(i) for i in chunk]), "image": image}
         if labelled:
             columns["label"] = pa.array(targets[chunk].astype(np.int64))
-        storage.write_bytes(fs, path + ".parquet", _parquet_bytes(pa.table(columns)))
+        storage.write_bytes(fs, path + ".parquet", parquet_bytes(pa.table(columns)))
 
 
 def ensure_digits(train_uri: str, holdout_uri: str, storage_options: dict[str, Any] | None,
