@@ -142,7 +142,11 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                                              kind) for i in range(k_teachers)], dim=1)  # [B, K]
             parts["kd"] = (rows * w).sum(dim=1).mean()
         elif _plain_mean(weights, weighting, temperatures, temperature, ensemble, kind):
-            parts["kd"] = _mean_kd(student_logits, teacher_logits, temperature, kind)
+            # One node for the whole loss: the same value as the lines below would give.
+            with_ce = labels is not None and alpha < 1
+            loss, kd, ce = _mean_kd_ce(student_logits, teacher_logits, labels if with_ce else None, temperature,
+                                       1.0 if labels is None else alpha, 1 - alpha if with_ce else 0.0, kind)
+            return loss, {"kd": kd, **({"ce": ce} if with_ce else {}), "loss": loss.detach()}
         else:
             k_teachers = teacher_logits.shape[1]
             top = F.softmax(teacher_logits.float(), dim=-1).max(dim=-1)
@@ -175,38 +179,67 @@ def _plain_mean(weights, weighting: str, temperatures, temperature: float, ensem
         bool(torch.all(torch.as_tensor(temperatures, dtype=torch.float32) == float(temperature)))
 
 
-class _MeanKD(torch.autograd.Function):
-    """T^2 KL (or soft CE) of softmax(s / T) from the mean of the teachers' softmax(z / T), batch
-    mean, with its gradient written out: d/ds = T (softmax(s / T) - p) / B (p sums to 1). One
-    saved tensor and three ops backward, where autograd would retrace division, log-softmax,
-    KL and the means: the step of a small student on cached labels costs little more than a
-    plain one. The teachers' logits are data and get no gradient."""
+class _MeanKDCE(torch.autograd.Function):
+    """w_kd * T^2 KL (or soft CE) of softmax(s / T) from p, the mean of the teachers' softmax(z / T),
+    plus w_ce * cross-entropy with the labels (when given), batch means, in one autograd node
+    with its gradient written out:
+        d/ds = w_kd * T * (softmax(s / T) - p) / B + w_ce * (softmax(s) - onehot(labels)) / B
+    (p sums to 1). Autograd would retrace division, the two log-softmaxes, the KL, the means and
+    the weighted sum: here the step of a small student on cached labels costs little more than a
+    plain one. Returns (loss, kd, ce); kd and ce are detached, ce is 0 without labels. The
+    teachers' logits are data and get no gradient."""
 
     @staticmethod
-    def forward(ctx, s: torch.Tensor, z: torch.Tensor, temperature: float, kl: bool) -> torch.Tensor:
+    def forward(ctx, s, z, labels, temperature: float, w_kd: float, w_ce: float, kl: bool):
         dtype = torch.promote_types(torch.promote_types(s.dtype, z.dtype), torch.float32)
+        b, sf = s.shape[0], s.to(dtype)
         p = F.softmax(z.to(dtype) / temperature, dim=-1).mean(dim=1)  # [B, C]
-        log_q = F.log_softmax(s.to(dtype) / temperature, dim=-1)
+        log_q = F.log_softmax(sf / temperature, dim=-1)
         cross = torch.xlogy(p, p).sub_(p * log_q) if kl else (p * log_q).neg_()
-        ctx.save_for_backward(log_q, p)
-        ctx.temperature, ctx.in_dtype = temperature, s.dtype
-        return cross.sum() * (temperature**2 / s.shape[0])
+        kd = cross.sum() * (temperature**2 / b)
+        log_r = ce = None
+        if labels is not None:
+            log_r = F.log_softmax(sf, dim=-1)
+            ce = log_r.gather(1, labels.long()[:, None]).sum().neg_() / b
+        loss = kd * w_kd + ce * w_ce if ce is not None else kd * w_kd
+        ctx.save_for_backward(log_q, p, log_r, labels)
+        ctx.scales = (w_kd * temperature / b, w_ce / b)
+        ctx.in_dtype = s.dtype
+        ce = ce if ce is not None else torch.zeros((), dtype=dtype, device=s.device)
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd.detach(), ce.detach()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        log_q, p = ctx.saved_tensors
-        scale = grad * (ctx.temperature / log_q.shape[0])
-        return (log_q.exp().sub_(p).mul_(scale)).to(ctx.in_dtype), None, None, None
+    def backward(ctx, grad, _kd, _ce):
+        log_q, p, log_r, labels = ctx.saved_tensors
+        kd_scale, ce_scale = ctx.scales
+        g = log_q.exp().sub_(p).mul_(kd_scale)
+        if log_r is not None:
+            r = log_r.exp()
+            r[torch.arange(len(r), device=r.device), labels.long()] -= 1.0
+            g.add_(r, alpha=ce_scale)
+        return g.mul_(grad).to(ctx.in_dtype), None, None, None, None, None, None
+
+
+def _mean_kd_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+                temperature: float, w_kd: float, w_ce: float, kind: str):
+    """(loss, kd, ce) of _MeanKDCE; teachers' logits that carry a gradient (not kdpipe's case: they
+    are cached or computed under no_grad) take autograd's path instead, with the same values."""
+    if teacher_logits.requires_grad:
+        dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+        p = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1).mean(dim=1)
+        log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+        kd = _soft_term(log_q, p, kind).mean() * temperature**2
+        ce = F.cross_entropy(student_logits.to(dtype), labels) if labels is not None else None
+        loss = kd * w_kd + ce * w_ce if ce is not None else kd * w_kd
+        return loss, kd.detach(), (ce.detach() if ce is not None else torch.zeros((), dtype=dtype))
+    return _MeanKDCE.apply(student_logits, teacher_logits, labels, float(temperature), float(w_kd), float(w_ce),
+                           kind == "kl")
 
 
 def _mean_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, kind: str) -> torch.Tensor:
     """T^2 KL (or soft CE) of the student from the mean of the teachers' softmax(z/T), batch mean."""
-    if teacher_logits.requires_grad:  # not kdpipe's case (cached or no_grad teachers): let autograd do it
-        dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-        p = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1).mean(dim=1)
-        log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-        return _soft_term(log_q, p, kind).mean() * temperature**2
-    return _MeanKD.apply(student_logits, teacher_logits, float(temperature), kind == "kl")
+    return _mean_kd_ce(student_logits, teacher_logits, None, temperature, 1.0, 0.0, kind)[0]
 
 
 def _temperatures(temperatures, k: int, default: float) -> torch.Tensor:

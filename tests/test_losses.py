@@ -199,14 +199,21 @@ def test_fast_mean_path_equals_the_general_path(kind):
 
 @pytest.mark.parametrize("kind", ["kl", "soft_ce"])
 def test_fused_mean_gradient_is_the_derivative_of_its_loss(kind):
-    """The fused path writes its gradient out by hand: torch.autograd.gradcheck compares it with
-    finite differences of its forward (float64), and a bf16 student gets a bf16 gradient."""
+    """The fused path writes its gradient out by hand (KD term alone, and KD plus cross-entropy):
+    torch.autograd.gradcheck compares it with finite differences of its forward (float64), and a
+    bf16 student gets a bf16 gradient."""
     from kdpipe import losses
 
     g = torch.Generator().manual_seed(5)
     s = torch.randn(6, 7, generator=g, dtype=torch.float64, requires_grad=True)
     z = torch.randn(6, 3, 7, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, 7, (6,), generator=g)
     assert torch.autograd.gradcheck(lambda x: losses._mean_kd(x, z, 3.0, kind), (s,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda x: losses._mean_kd_ce(x, z, y, 3.0, 0.7, 0.3, kind)[0], (s,),
+                                    eps=1e-6, atol=1e-7)
+    # the loss parts it returns are the terms it sums
+    loss, kd, ce = losses._mean_kd_ce(s, z, y, 3.0, 0.7, 0.3, kind)
+    assert torch.allclose(loss, 0.7 * kd + 0.3 * ce) and torch.allclose(ce, F.cross_entropy(s, y))
     half = s.detach().to(torch.bfloat16).requires_grad_()
     losses._mean_kd(half, z.float(), 3.0, kind).backward()
     assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad).all()
