@@ -146,7 +146,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
             with_ce = labels is not None and alpha < 1
             loss, kd, ce = _mean_kd_ce(student_logits, teacher_logits, labels if with_ce else None, temperature,
                                        1.0 if labels is None else alpha, 1 - alpha if with_ce else 0.0, kind)
-            return loss, {"kd": kd, **({"ce": ce} if with_ce else {}), "loss": loss.detach()}
+            return loss, {"kd": kd.detach(), **({"ce": ce.detach()} if with_ce else {}), "loss": loss.detach()}
         else:
             k_teachers = teacher_logits.shape[1]
             top = F.softmax(teacher_logits.float(), dim=-1).max(dim=-1)
@@ -205,9 +205,10 @@ class _MeanKDCE(torch.autograd.Function):
         ctx.save_for_backward(log_q, p, log_r, labels)
         ctx.scales = (w_kd * temperature / b, w_ce / b)
         ctx.in_dtype = s.dtype
-        ce = ce if ce is not None else torch.zeros((), dtype=dtype, device=s.device)
-        ctx.mark_non_differentiable(kd, ce)
-        return loss, kd.detach(), ce.detach()
+        kd = kd.detach()
+        ce = ce.detach() if ce is not None else torch.zeros((), dtype=dtype, device=s.device)
+        ctx.mark_non_differentiable(kd, ce)  # else autograd would make them outputs that need a gradient
+        return loss, kd, ce
 
     @staticmethod
     def backward(ctx, grad, _kd, _ce):

@@ -214,6 +214,11 @@ def test_fused_mean_gradient_is_the_derivative_of_its_loss(kind):
     # the loss parts it returns are the terms it sums
     loss, kd, ce = losses._mean_kd_ce(s, z, y, 3.0, 0.7, 0.3, kind)
     assert torch.allclose(loss, 0.7 * kd + 0.3 * ce) and torch.allclose(ce, F.cross_entropy(s, y))
+    # parts for logging carry no graph: summed over an epoch they must not keep every step's graph
+    assert loss.requires_grad and not kd.requires_grad and not ce.requires_grad
+    for teachers in (z, None):
+        _, parts = distillation_loss(s, teachers, y, 3.0, 0.7, kind=kind)
+        assert parts and not any(v.requires_grad for v in parts.values()), parts
     half = s.detach().to(torch.bfloat16).requires_grad_()
     losses._mean_kd(half, z.float(), 3.0, kind).backward()
     assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad).all()
