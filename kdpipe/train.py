@@ -189,16 +189,19 @@ def _train_loop(config: dict[str, Any]) -> None:
     loss_options = config["loss_options"]
     first_step_at = None  # wall clock of this attempt's first optimiser step (time to first step)
 
-    def one_pass(name: str, epoch: int, alpha: float, temperature: float) -> tuple[int, float, dict, int]:
-        """One epoch's pass over dataset `name`: (rows, seconds, loss sums, replayed views)."""
+    def one_pass(name: str, epoch: int, alpha: float, temperature: float) -> tuple[int, float, dict, int, float]:
+        """One epoch's pass over dataset `name`: (rows, seconds, loss sums, replayed views,
+        seconds spent waiting for the input stream)."""
         nonlocal first_step_at
-        t0, rows, sums, replayed = time.time(), 0, {}, 0
+        t0, rows, sums, replayed, waited = time.time(), 0, {}, 0, 0.0
+        ready = time.perf_counter()
         views = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch * 1009 + rank)
         shard = ray.train.get_dataset_shard(name)
         fetched = shard.iter_torch_batches(batch_size=fetch_rows(config["batch_size"]), device=device,
                                            local_shuffle_buffer_size=config["shuffle_buffer"],
                                            local_shuffle_seed=config["seed"] * 1000 + epoch * 10 + rank)
         for batch in split_batches(fetched, config["batch_size"]):
+            waited += time.perf_counter() - ready
             if online:  # the baseline kdpipe exists to avoid: every teacher runs on every batch
                 with torch.no_grad():
                     batch["teacher_logits"] = torch.stack(
@@ -215,7 +218,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             rows += n
             for k, v in parts.items():
                 sums[k] = sums[k] + v * n if k in sums else v * n
-        return rows, time.time() - t0, sums, replayed
+            ready = time.perf_counter()
+        return rows, time.time() - t0, sums, replayed, waited
 
     for epoch in range(start_epoch, epochs):
         if config["inject_fault"]:
@@ -228,11 +232,14 @@ def _train_loop(config: dict[str, Any]) -> None:
             passes = ["plain", "train"] if epoch % 2 == 0 else ["train", "plain"]
         for name in passes:
             if name == "plain":  # labels alone (alpha 0), same workers, same steps
-                n, sec, _, _ = one_pass("plain", epoch, 0.0, temperature)
-                paired = {"plain_rows": n, "plain_train_s": sec, "plain_samples_per_s": n / max(1e-9, sec)}
+                n, sec, _, _, wait = one_pass("plain", epoch, 0.0, temperature)
+                paired = {"plain_rows": n, "plain_train_s": sec, "plain_samples_per_s": n / max(1e-9, sec),
+                          "plain_input_wait_s": wait}
             else:
-                rows, seconds, sums, replayed = one_pass("train", epoch, alpha, temperature)
+                rows, seconds, sums, replayed, waited = one_pass("train", epoch, alpha, temperature)
+        # input_wait_s: the part of train_s spent waiting for the next batch (input-bound if large)
         metrics = {"epoch": epoch, "rows": rows, "samples_per_s": rows / max(1e-9, seconds), "train_s": seconds,
+                   "input_wait_s": waited,
                    "alpha": alpha, "temperature": temperature, "lr": optimizer.param_groups[0]["lr"],
                    "replayed_views": replayed, "first_step_at": first_step_at}
         metrics.update({k: float(v) / max(1, rows) for k, v in sums.items()})
