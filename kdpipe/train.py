@@ -248,8 +248,11 @@ def _train_loop(config: dict[str, Any]) -> None:
         if rank == 0:  # every rank holds the same weights after the DDP step
             if config["evaluate"]:
                 holdout = ray.train.get_dataset_shard("holdout")
-                acc, n = evaluate(model, ({**b, "x": pre.normalise(b["x"])}
-                                          for b in holdout.iter_torch_batches(batch_size=512, device=device)))
+                # The module inside DDP: DDP's forward broadcasts buffers (BatchNorm statistics),
+                # a collective that the other ranks, already training on, would never join.
+                acc, n = evaluate(getattr(model, "module", model),
+                                  ({**b, "x": pre.normalise(b["x"])}
+                                   for b in holdout.iter_torch_batches(batch_size=512, device=device)))
                 metrics.update(holdout_accuracy=acc, holdout_rows=n, eval_s=time.time() - t1)
             metrics["world_size"] = ctx.get_world_size()
             metrics["attempt_start"] = start_epoch  # > 0: this attempt resumed from a checkpoint
