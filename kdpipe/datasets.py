@@ -528,7 +528,9 @@ def read_joined_shard(batch: dict[str, np.ndarray], source: dict[str, Any], shar
     """Training's read step: one input shard, joined by sample_key with each teacher's unit for it.
 
     Rows get x (uint8 [N, C, H, W] in the student's geometry; normalised on the worker), label,
-    and either teacher_logits [N, K, C] (every teacher stored full logits) or, when
+    and either teacher_logits [N, K, C] (every teacher stored full logits), or teacher_probs
+    [N, C] when data["ensemble"] = {"weights", "temperatures"} is set (the teachers' weighted mean
+    distribution, labels.ensemble_probs: all a mean-ensemble KL needs, K times smaller), or, when
     data["topk_k"] is set, topk_ids / topk_probs [N, K, k] and topk_tail [N, K], each teacher's
     at its training temperature data["temperatures"][k].
 
@@ -603,5 +605,9 @@ def read_joined_shard(batch: dict[str, np.ndarray], source: dict[str, Any], shar
         out["topk_ids"], out["topk_probs"], out["topk_tail"] = (a.reshape(*shape, *a.shape[1:]) for a in stacked)
     elif teacher_rows:
         z = np.stack([rows[labels.LOGITS] for _, rows in teacher_rows], axis=1)  # [N*V, K, C]
-        out["teacher_logits"] = z.reshape(*shape, *z.shape[1:])
+        if data.get("ensemble"):  # the loss needs only the teachers' mean distribution: form it once
+            p = labels.ensemble_probs(z, data["ensemble"]["temperatures"], data["ensemble"]["weights"])
+            out["teacher_probs"] = p.reshape(*shape, p.shape[-1])
+        else:
+            out["teacher_logits"] = z.reshape(*shape, *z.shape[1:])
     return out

@@ -39,6 +39,15 @@ def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def ensemble_probs(logits: np.ndarray, temperatures: list[float], weights: list[float]) -> np.ndarray:
+    """The teachers' weighted mean distribution sum_k w_k softmax(z_k / T_k) / sum_k w_k, from
+    logits [..., K, C], as float32 [..., C]: the whole target of the mean-ensemble loss, formed
+    once when the student's data is read (losses.distillation_loss's teacher_probs)."""
+    e = softmax(np.asarray(logits, np.float64) / np.asarray(temperatures, np.float64)[:, None], 1.0)
+    w = np.asarray(weights, np.float64)
+    return np.tensordot(e, w / w.sum(), axes=([-2], [0])).astype(np.float32)
+
+
 def label_schema(num_classes: int, dtype: str) -> pa.Schema:
     return pa.schema([
         pa.field(KEY, pa.string(), nullable=False),

@@ -110,7 +110,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       weights: torch.Tensor | None = None,
                       teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                       temperatures: list[float] | torch.Tensor | None = None, ensemble: str = "mean",
-                      kind: str = "kl", weighting: str = "fixed",
+                      kind: str = "kl", weighting: str = "fixed", teacher_probs: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, dict[str, float]]:
     """alpha * (distillation term) + (1 - alpha) * CE.
 
@@ -118,12 +118,19 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     [B, K, k], tail [B, K]) from top-k labels (probabilities already at each teacher's
     temperature; always the "sum" ensemble over k + 1 bins, see topk_kd_kl), or neither (plain
     supervised training); labels [B] or None (label-free distillation). weights [K] or None;
-    temperatures: one per teacher or None (all `temperature`). Returns (loss, {"kd", "ce",
-    "loss"} as detached scalar tensors for logging, on the loss's device).
+    temperatures: one per teacher or None (all `temperature`). Or teacher_probs [B, C]: the
+    teachers' weighted mean distribution, each at its temperature, already formed (training's
+    read step forms it once when the loss needs nothing else: the mean ensemble, fixed
+    weighting, KL or soft CE, no temperature schedule); weights and temperatures are then in
+    it, and the student is compared at `temperature`. Returns (loss, {"kd", "ce", "loss"} as
+    detached scalar tensors for logging, on the loss's device).
     """
-    if teacher_topk is not None and teacher_logits is not None:
-        raise ValueError("give teacher_logits or teacher_topk, not both")
-    has_teachers = teacher_logits is not None or teacher_topk is not None
+    if sum(t is not None for t in (teacher_logits, teacher_topk, teacher_probs)) > 1:
+        raise ValueError("give one of teacher_logits, teacher_topk and teacher_probs")
+    if teacher_probs is not None and (ensemble != "mean" or kind not in ("kl", "soft_ce") or weighting != "fixed"):
+        raise ValueError(f"teacher_probs (the ensemble formed when read) serve ensemble=mean, loss kl or soft_ce "
+                         f"and fixed weighting, not {ensemble}/{kind}/{weighting}: pass the teachers' logits")
+    has_teachers = teacher_logits is not None or teacher_topk is not None or teacher_probs is not None
     if not has_teachers and labels is None:
         raise ValueError("distillation_loss needs teacher logits, labels, or both")
     if ensemble not in ENSEMBLES or kind not in KINDS:
@@ -141,11 +148,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
             rows = torch.stack([topk_kl_rows(student_logits, ids[:, i], probs[:, i], tail[:, i], float(temps[i]),
                                              kind) for i in range(k_teachers)], dim=1)  # [B, K]
             parts["kd"] = (rows * w).sum(dim=1).mean()
-        elif _plain_mean(weights, weighting, temperatures, temperature, ensemble, kind):
-            # One node for the whole loss: the same value as the lines below would give.
+        elif teacher_probs is not None or _plain_mean(weights, weighting, temperatures, temperature, ensemble, kind):
+            # One node for the whole loss: the same value as the general path would give.
             with_ce = labels is not None and alpha < 1
-            loss, kd, ce = _mean_kd_ce(student_logits, teacher_logits, labels if with_ce else None, temperature,
-                                       1.0 if labels is None else alpha, 1 - alpha if with_ce else 0.0, kind)
+            fused = _target_kd_ce if teacher_probs is not None else _mean_kd_ce
+            loss, kd, ce = fused(student_logits, teacher_probs if teacher_probs is not None else teacher_logits,
+                                 labels if with_ce else None, temperature,
+                                 1.0 if labels is None else alpha, 1 - alpha if with_ce else 0.0, kind)
             return loss, {"kd": kd.detach(), **({"ce": ce.detach()} if with_ce else {}), "loss": loss.detach()}
         else:
             k_teachers = teacher_logits.shape[1]
@@ -179,24 +188,23 @@ def _plain_mean(weights, weighting: str, temperatures, temperature: float, ensem
         bool(torch.all(torch.as_tensor(temperatures, dtype=torch.float32) == float(temperature)))
 
 
-class _MeanKDCE(torch.autograd.Function):
-    """w_kd * T^2 KL (or soft CE) of softmax(s / T) from p, the mean of the teachers' softmax(z / T),
-    plus w_ce * cross-entropy with the labels (when given), batch means, in one autograd node
-    with its gradient written out:
+class _TargetKDCE(torch.autograd.Function):
+    """w_kd * T^2 KL (or soft CE) of softmax(s / T) from a target distribution p, plus w_ce *
+    cross-entropy with the labels (when given), batch means, in one autograd node with its
+    gradient written out:
         d/ds = w_kd * T * (softmax(s / T) - p) / B + w_ce * (softmax(s) - onehot(labels)) / B
     (p sums to 1). Autograd would retrace division, the two log-softmaxes, the KL, the means and
     the weighted sum: here the step of a small student on cached labels costs little more than a
     plain one. Returns (loss, kd, ce); kd and ce are detached, ce is 0 without labels. The
-    teachers' logits are data and get no gradient."""
+    target is data and gets no gradient."""
 
     @staticmethod
-    def forward(ctx, s, z, labels, temperature: float, w_kd: float, w_ce: float, kl: bool):
-        dtype = torch.promote_types(torch.promote_types(s.dtype, z.dtype), torch.float32)
-        b, sf = s.shape[0], s.to(dtype)
-        p = F.softmax(z.to(dtype) / temperature, dim=-1).mean(dim=1)  # [B, C]
+    def forward(ctx, s, p, labels, temperature: float, w_kd: float, w_ce: float, kl: bool):
+        dtype = torch.promote_types(torch.promote_types(s.dtype, p.dtype), torch.float32)
+        b, sf, p = s.shape[0], s.to(dtype), p.to(dtype)
         log_q = F.log_softmax(sf / temperature, dim=-1)
-        cross = torch.xlogy(p, p).sub_(p * log_q) if kl else (p * log_q).neg_()
-        kd = cross.sum() * (temperature**2 / b)
+        cross = (p * log_q).sum().neg_()
+        kd = (cross + torch.xlogy(p, p).sum() if kl else cross) * (temperature**2 / b)
         log_r = ce = None
         if labels is not None:
             log_r = F.log_softmax(sf, dim=-1)
@@ -222,20 +230,28 @@ class _MeanKDCE(torch.autograd.Function):
         return g.mul_(grad).to(ctx.in_dtype), None, None, None, None, None, None
 
 
-def _mean_kd_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
-                temperature: float, w_kd: float, w_ce: float, kind: str):
-    """(loss, kd, ce) of _MeanKDCE; teachers' logits that carry a gradient (not kdpipe's case: they
-    are cached or computed under no_grad) take autograd's path instead, with the same values."""
-    if teacher_logits.requires_grad:
-        dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-        p = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1).mean(dim=1)
+def _target_kd_ce(student_logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None,
+                  temperature: float, w_kd: float, w_ce: float, kind: str):
+    """(loss, kd, ce) of _TargetKDCE for a target distribution [B, C]. A target that carries a
+    gradient (not kdpipe's case: cached labels, or teachers run under no_grad) takes autograd's
+    path instead, with the same values."""
+    if target.requires_grad:
+        dtype = torch.promote_types(torch.promote_types(student_logits.dtype, target.dtype), torch.float32)
         log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-        kd = _soft_term(log_q, p, kind).mean() * temperature**2
+        kd = _soft_term(log_q, target.to(dtype), kind).mean() * temperature**2
         ce = F.cross_entropy(student_logits.to(dtype), labels) if labels is not None else None
         loss = kd * w_kd + ce * w_ce if ce is not None else kd * w_kd
         return loss, kd.detach(), (ce.detach() if ce is not None else torch.zeros((), dtype=dtype))
-    return _MeanKDCE.apply(student_logits, teacher_logits, labels, float(temperature), float(w_kd), float(w_ce),
-                           kind == "kl")
+    return _TargetKDCE.apply(student_logits, target, labels, float(temperature), float(w_kd), float(w_ce),
+                             kind == "kl")
+
+
+def _mean_kd_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+                temperature: float, w_kd: float, w_ce: float, kind: str):
+    """_target_kd_ce to the mean of the teachers' softmax(z / T), teacher_logits [B, K, C]."""
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    p = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1).mean(dim=1)
+    return _target_kd_ce(student_logits, p, labels, temperature, w_kd, w_ce, kind)
 
 
 def _mean_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, kind: str) -> torch.Tensor:

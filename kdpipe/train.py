@@ -57,7 +57,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     out = model(batch["x"])
     topk = (batch["topk_ids"], batch["topk_probs"], batch["topk_tail"]) if "topk_ids" in batch else None
     loss, parts = losses.distillation_loss(out, batch.get("teacher_logits"), batch.get("label") if use_labels else None,
-                                           temperature, alpha, weights, teacher_topk=topk, **(loss_options or {}))
+                                           temperature, alpha, weights, teacher_topk=topk,
+                                           teacher_probs=batch.get("teacher_probs"), **(loss_options or {}))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -328,7 +329,7 @@ def pick_views(batch: dict[str, torch.Tensor], generator: torch.Generator) -> di
     pick = torch.randint(views, (rows,), generator=generator).to(x.device)
     arange = torch.arange(rows, device=x.device)
     out = dict(batch)
-    for key in ("x", "teacher_logits", "topk_ids", "topk_probs", "topk_tail"):
+    for key in ("x", "teacher_logits", "teacher_probs", "topk_ids", "topk_probs", "topk_tail"):
         if key in batch:
             out[key] = batch[key][arange, pick]
     return out
@@ -383,13 +384,19 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
         storage.check_shared(uri)
     runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     data = {"temperatures": temperatures, "num_classes": cfg.data.num_classes, "topk_k": topk_k, "replay": replay}
+    if units and not topk_k and ensemble == "mean" and tr.loss in ("kl", "soft_ce") and tr.teacher_weighting == "fixed" \
+            and tr.temperature_end in (None, tr.temperature):
+        # The loss needs only the teachers' mean distribution, the same every epoch: the read step
+        # forms it once (teacher_probs [C] per row instead of K teachers' logits).
+        data["ensemble"] = {"weights": list(tr.teacher_weights) or [1.0] * len(units), "temperatures": temperatures}
     pre = preprocess_for(cfg)
     holdout_shards = datasets.list_shards(cfg.data.holdout, source) if labelled else []
     views = {t["preprocess"].view(): t["preprocess"].geometry() for t in online_teachers}
     train_ds = student_dataset(source, shards, pre, units, data, views, cfg.data.decode_cpus)
     datasets_ = {"train": train_ds}
+    label_floats = (1 if data.get("ensemble") else len(units)) * cfg.data.num_classes
     row_bytes = (int(np.prod(pre.image_shape)) + sum(int(np.prod(g["size"])) * g["channels"] for g in views.values())
-                 + 4 * len(units) * cfg.data.num_classes) * max(1, replay) + 16
+                 + 4 * label_floats) * max(1, replay) + 16
     rows = sum(_rows_estimate(s, units) for s in shards) + sum(_rows_estimate(s, []) for s in holdout_shards)
     if paired_plain:
         if not distill or online:

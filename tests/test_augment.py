@@ -87,6 +87,13 @@ def test_replayed_view_is_the_labelled_view_pixel_for_pixel(tmp_path, shard, fmt
         assert out["teacher_logits"].shape == (n, v, 1, 10)
         want = np.stack([[stored[datasets.view_key(k, j)] for j in range(v)] for k in keys])
         np.testing.assert_allclose(out["teacher_logits"][:, :, 0], want, rtol=1e-6)
+        # The mean-ensemble target formed when read: one distribution per view, of those logits
+        ens = datasets.read_joined_shard({"shard_id": np.asarray([s.shard_id])}, source, {s.shard_id: s}, geometry,
+                                         [unit], {"temperatures": [2.0], "num_classes": 10, "replay": v, "topk_k": None,
+                                                  "ensemble": {"weights": [1.0], "temperatures": [2.0]}})
+        assert "teacher_logits" not in ens and ens["teacher_probs"].shape == (n, v, 10)
+        np.testing.assert_allclose(ens["teacher_probs"], labels.softmax(want, 2.0), rtol=1e-5, atol=1e-7)
+        assert np.array_equal(ens["x"], out["x"])
     else:
         assert out["topk_ids"].shape == (n, v, 1, 4) and out["topk_tail"].shape == (n, v, 1)
         top1 = np.stack([[np.argmax(stored[datasets.view_key(k, j)]) for j in range(v)] for k in keys])

@@ -225,3 +225,36 @@ def test_fused_mean_gradient_is_the_derivative_of_its_loss(kind):
     # teachers' logits that carry a gradient (not kdpipe's case) fall back to autograd, same value
     zg = z.clone().requires_grad_()
     assert torch.allclose(losses._mean_kd(s, zg, 3.0, kind), losses._mean_kd(s, z, 3.0, kind))
+
+
+@pytest.mark.parametrize("kind", ["kl", "soft_ce"])
+def test_ensemble_formed_when_read_gives_the_general_paths_loss_and_gradient(kind):
+    """Training's read step forms the teachers' weighted mean distribution once
+    (labels.ensemble_probs, per-teacher temperatures and weights included); the loss from it
+    equals the general path's from the logits, value and gradient, and it is K times smaller."""
+    from kdpipe import labels, losses
+
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(24, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(24, 3, 10, generator=g, dtype=torch.float64) * 4
+    y = torch.randint(0, 10, (24,), generator=g)
+    weights, temps = [0.5, 1.0, 2.5], [2.0, 4.0, 3.0]
+    probs = torch.from_numpy(labels.ensemble_probs(z.numpy(), temps, weights))
+    assert probs.shape == (24, 10) and probs.dtype == torch.float32
+    assert torch.allclose(probs.double().sum(-1), torch.ones(24, dtype=torch.float64), atol=1e-6)
+    for labelled, alpha in ((True, 0.7), (False, 1.0)):
+        fast, parts = distillation_loss(s, None, y if labelled else None, 4.0, alpha, kind=kind, teacher_probs=probs)
+        (g_fast,) = torch.autograd.grad(fast, s)
+        w = losses.sample_weights(3, 24, torch.tensor(weights), "fixed")
+        general = losses.full_kd_terms(s, z, torch.tensor(temps), w, "mean", kind, 4.0).mean()
+        if labelled:
+            general = alpha * general + (1 - alpha) * F.cross_entropy(s, y)
+        (g_general,) = torch.autograd.grad(general, s)
+        # (the target is float32: agreement to ~1e-6)
+        assert torch.allclose(fast, general, rtol=1e-5), (fast, general)
+        assert torch.allclose(g_fast, g_general, rtol=1e-4, atol=1e-7), (g_fast - g_general).abs().max()
+        assert set(parts) == ({"kd", "ce", "loss"} if labelled else {"kd", "loss"})
+    with pytest.raises(ValueError, match="teacher_probs"):
+        distillation_loss(s, None, y, 4.0, 0.7, kind="mse", teacher_probs=probs)
+    with pytest.raises(ValueError, match="one of"):
+        distillation_loss(s, z, y, 4.0, 0.7, teacher_probs=probs)

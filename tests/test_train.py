@@ -10,8 +10,10 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from torch import nn
 
 from kdpipe import cache, generate, labels, storage, train
+from kdpipe.models import build_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -23,7 +25,12 @@ def cached(ray_cluster, digits_cfg):
 
 
 def test_distilled_training_runs_without_any_teacher(cached, tmp_path):
+    """Two DDP workers distil a student with BatchNorm from the cache alone. (BatchNorm: DDP's
+    forward broadcasts its buffers, so rank 0's held-out evaluation must not go through DDP; it
+    once waited there for a rank that never came.)"""
     cfg = copy.deepcopy(cached)
+    cfg.train.student = "cnn"
+    assert any(isinstance(m, nn.BatchNorm2d) for m in build_model("cnn", 10, (1, 8, 8)).modules())
     # Hide every checkpoint: training must not need (or build) a teacher.
     hidden = tmp_path / "hidden"
     hidden.mkdir()
