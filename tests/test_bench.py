@@ -1,4 +1,4 @@
-"""The storage benchmark's figures are computed from real encoded units."""
+"""The storage benchmark's figures are computed from real encoded units; the student benchmark's data."""
 
 from __future__ import annotations
 
@@ -29,3 +29,27 @@ def test_topk_kl_against_direct_formula():
         q[i, ids[i]] = kept
     expected = (p * np.log(p / q)).sum(1).mean()
     assert np.isclose(bench.topk_kl(z, 3, 2.0), expected, rtol=1e-10)
+
+
+def test_student_benchmark_copies_keep_rows_and_give_each_copy_its_own_keys(tmp_path):
+    """P3 trains on copies of the digits' training split: every copy has the source's pixels and
+    labels under keys of its own (so each copy gets labels of its own), written once."""
+    import pyarrow.parquet as pq
+
+    from kdpipe import bench_student, config, digits
+
+    cfg = config.resolve_paths(config.load_config(None, [f"workdir={tmp_path}", "data.num_shards=2"]))
+    digits.ensure_builtin(cfg.data)
+    c = bench_student.with_copies(cfg, 3)
+    assert c.data.builtin is None and c.data.train.endswith("bench-train-x3") and cfg.data.builtin == "digits"
+    src = sorted((tmp_path / "data" / "train").glob("*.parquet"))
+    out = sorted((tmp_path / "bench-train-x3").glob("*.parquet"))
+    assert len(src) == 2 and len(out) == 6
+    source = pq.read_table(src[0]).to_pydict()
+    for n in range(3):
+        copy = pq.read_table(tmp_path / "bench-train-x3" / f"{src[0].stem}-copy{n:03d}.parquet").to_pydict()
+        assert copy["sample_key"] == [f"{k}~{n}" for k in source["sample_key"]]
+        assert copy["image"] == source["image"] and copy["label"] == source["label"]
+    stamp = out[0].stat().st_mtime_ns
+    assert bench_student.with_copies(cfg, 3).data.train == c.data.train and out[0].stat().st_mtime_ns == stamp
+    assert bench_student.with_copies(cfg, 1) is cfg
