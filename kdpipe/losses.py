@@ -178,7 +178,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def _plain_mean(weights, weighting: str, temperatures, temperature: float, ensemble: str, kind: str) -> bool:
     """The common case: equal teacher weights, fixed weighting, one temperature, the mean
-    ensemble and a KL or soft-CE term; _mean_kd computes it with a few fused ops (the general
+    ensemble and a KL or soft-CE term; _mean_kd_ce computes it in one fused node (the general
     path builds per-sample weights and per-teacher temperatures on every step)."""
     if ensemble != "mean" or kind not in ("kl", "soft_ce") or weighting != "fixed":
         return False
@@ -252,11 +252,6 @@ def _mean_kd_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labe
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
     p = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1).mean(dim=1)
     return _target_kd_ce(student_logits, p, labels, temperature, w_kd, w_ce, kind)
-
-
-def _mean_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, kind: str) -> torch.Tensor:
-    """T^2 KL (or soft CE) of the student from the mean of the teachers' softmax(z/T), batch mean."""
-    return _mean_kd_ce(student_logits, teacher_logits, None, temperature, 1.0, 0.0, kind)[0]
 
 
 def _temperatures(temperatures, k: int, default: float) -> torch.Tensor:

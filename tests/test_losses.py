@@ -208,7 +208,7 @@ def test_fused_mean_gradient_is_the_derivative_of_its_loss(kind):
     s = torch.randn(6, 7, generator=g, dtype=torch.float64, requires_grad=True)
     z = torch.randn(6, 3, 7, generator=g, dtype=torch.float64) * 2
     y = torch.randint(0, 7, (6,), generator=g)
-    assert torch.autograd.gradcheck(lambda x: losses._mean_kd(x, z, 3.0, kind), (s,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda x: losses._mean_kd_ce(x, z, None, 3.0, 1.0, 0.0, kind)[0], (s,), eps=1e-6, atol=1e-7)
     assert torch.autograd.gradcheck(lambda x: losses._mean_kd_ce(x, z, y, 3.0, 0.7, 0.3, kind)[0], (s,),
                                     eps=1e-6, atol=1e-7)
     # the loss parts it returns are the terms it sums
@@ -220,11 +220,12 @@ def test_fused_mean_gradient_is_the_derivative_of_its_loss(kind):
         _, parts = distillation_loss(s, teachers, y, 3.0, 0.7, kind=kind)
         assert parts and not any(v.requires_grad for v in parts.values()), parts
     half = s.detach().to(torch.bfloat16).requires_grad_()
-    losses._mean_kd(half, z.float(), 3.0, kind).backward()
+    losses._mean_kd_ce(half, z.float(), None, 3.0, 1.0, 0.0, kind)[0].backward()
     assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad).all()
     # teachers' logits that carry a gradient (not kdpipe's case) fall back to autograd, same value
     zg = z.clone().requires_grad_()
-    assert torch.allclose(losses._mean_kd(s, zg, 3.0, kind), losses._mean_kd(s, z, 3.0, kind))
+    assert torch.allclose(losses._mean_kd_ce(s, zg, None, 3.0, 1.0, 0.0, kind)[0],
+                          losses._mean_kd_ce(s, z, None, 3.0, 1.0, 0.0, kind)[0])
 
 
 @pytest.mark.parametrize("kind", ["kl", "soft_ce"])
