@@ -7,7 +7,7 @@ throughput (`kdpipe bench student`): samples/s of the same student on the same R
       cached   distilled from three teachers' cached soft labels (kdpipe's way);
       online   distilled with the three teachers in memory, run on every batch (the baseline).
     The training split is the digits' 899 training rows `copies` times over, each copy with keys of
-    its own (and so cached labels of its own): one pass over 899 rows lasts ~0.3 s on 2 cores,
+    its own (and so cached labels of its own): one pass over 899 rows lasts 0.1-0.3 s on 2 cores,
     mostly Ray Data's per-epoch start and the step's fixed costs, too short to time. A run's rate
     is the median of its per-epoch rates after the first epoch (rank 0's rows / its epoch time,
     times the world size); Ray Train's worker start-up is left out for every mode, and each run
@@ -17,8 +17,9 @@ throughput (`kdpipe bench student`): samples/s of the same student on the same R
     paired runs as well: one Ray Train run that, every epoch, makes a pass over the cached-label
     data and a pass of plain supervised steps over the same inputs without labels joined (the
     order turning each epoch; `train_student(paired_plain=True)`), with the same workers, model,
-    batch size and iterator. Its figure is the median over the epochs after the first of cached
-    rate / plain rate, each pair timed seconds apart.
+    batch size and iterator. A paired run's figure is its cached rate over its plain rate, each
+    side's rows over its seconds on an even number of epochs after the first (so each side ran
+    first equally often); the scored figure is the median over the paired runs.
     The same runs give the time from the call to the first training step (P5: a cache hit vs
     plain training).
 

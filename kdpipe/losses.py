@@ -127,7 +127,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """
     if sum(t is not None for t in (teacher_logits, teacher_topk, teacher_probs)) > 1:
         raise ValueError("give one of teacher_logits, teacher_topk and teacher_probs")
-    if teacher_probs is not None and (ensemble != "mean" or kind not in ("kl", "soft_ce") or weighting != "fixed"):
+    if teacher_probs is not None and not needs_only_the_mean_target(ensemble, kind, weighting):
         raise ValueError(f"teacher_probs (the ensemble formed when read) serve ensemble=mean, loss kl or soft_ce "
                          f"and fixed weighting, not {ensemble}/{kind}/{weighting}: pass the teachers' logits")
     has_teachers = teacher_logits is not None or teacher_topk is not None or teacher_probs is not None
@@ -176,11 +176,18 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return loss, logged
 
 
+def needs_only_the_mean_target(ensemble: str, kind: str, weighting: str) -> bool:
+    """Does the distillation term depend on the teachers only through their weighted mean
+    distribution (so it can be formed once, as teacher_probs)? Mean ensemble, KL or soft CE,
+    fixed weighting (a temperature schedule is the caller's to rule out)."""
+    return ensemble == "mean" and kind in ("kl", "soft_ce") and weighting == "fixed"
+
+
 def _plain_mean(weights, weighting: str, temperatures, temperature: float, ensemble: str, kind: str) -> bool:
     """The common case: equal teacher weights, fixed weighting, one temperature, the mean
     ensemble and a KL or soft-CE term; _mean_kd_ce computes it in one fused node (the general
     path builds per-sample weights and per-teacher temperatures on every step)."""
-    if ensemble != "mean" or kind not in ("kl", "soft_ce") or weighting != "fixed":
+    if not needs_only_the_mean_target(ensemble, kind, weighting):
         return False
     if weights is not None and not bool(torch.all(torch.as_tensor(weights) == torch.as_tensor(weights).flatten()[0])):
         return False

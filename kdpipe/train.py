@@ -384,7 +384,7 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
         storage.check_shared(uri)
     runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     data = {"temperatures": temperatures, "num_classes": cfg.data.num_classes, "topk_k": topk_k, "replay": replay}
-    if units and not topk_k and ensemble == "mean" and tr.loss in ("kl", "soft_ce") and tr.teacher_weighting == "fixed" \
+    if units and not topk_k and losses.needs_only_the_mean_target(ensemble, tr.loss, tr.teacher_weighting) \
             and tr.temperature_end in (None, tr.temperature):
         # The loss needs only the teachers' mean distribution, the same every epoch: the read step
         # forms it once (teacher_probs [C] per row instead of K teachers' logits).
@@ -403,6 +403,7 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
             raise ValueError("paired_plain pairs cached-label training with plain training: distill from the cache")
         datasets_["plain"] = student_dataset(source, shards, pre, [], {**data, "replay": 0},
                                              decode_cpus=cfg.data.decode_cpus)
+        rows += sum(_rows_estimate(s, []) for s in shards)  # (counted at the larger row size: an upper bound)
     if holdout_shards:
         datasets_["holdout"] = student_dataset(source, holdout_shards, pre, [], {**data, "replay": 0},
                                                decode_cpus=cfg.data.decode_cpus)
