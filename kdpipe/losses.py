@@ -23,6 +23,8 @@ Per experiment (`distillation_loss` arguments, never baked into the cache):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -125,16 +127,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     it, and the student is compared at `temperature`. Returns (loss, {"kd", "ce", "loss"} as
     detached scalar tensors for logging, on the loss's device).
     """
-    if sum(t is not None for t in (teacher_logits, teacher_topk, teacher_probs)) > 1:
-        raise ValueError("give one of teacher_logits, teacher_topk and teacher_probs")
-    if teacher_probs is not None and not needs_only_the_mean_target(ensemble, kind, weighting):
-        raise ValueError(f"teacher_probs (the ensemble formed when read) serve ensemble=mean, loss kl or soft_ce "
-                         f"and fixed weighting, not {ensemble}/{kind}/{weighting}: pass the teachers' logits")
-    has_teachers = teacher_logits is not None or teacher_topk is not None or teacher_probs is not None
-    if not has_teachers and labels is None:
-        raise ValueError("distillation_loss needs teacher logits, labels, or both")
-    if ensemble not in ENSEMBLES or kind not in KINDS:
-        raise ValueError(f"ensemble {ensemble!r} / loss {kind!r}: use {ENSEMBLES} / {KINDS}")
+    has_teachers = _check(teacher_logits, teacher_topk, teacher_probs, labels, ensemble, kind, weighting)
     parts: dict[str, torch.Tensor] = {}
     if has_teachers and alpha > 0:
         b = student_logits.shape[0]
@@ -148,13 +141,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
             rows = torch.stack([topk_kl_rows(student_logits, ids[:, i], probs[:, i], tail[:, i], float(temps[i]),
                                              kind) for i in range(k_teachers)], dim=1)  # [B, K]
             parts["kd"] = (rows * w).sum(dim=1).mean()
-        elif teacher_probs is not None or _plain_mean(weights, weighting, temperatures, temperature, ensemble, kind):
+        elif (plan := _fused_plan(teacher_logits, labels, temperature, alpha, weights, teacher_topk, temperatures,
+                                  ensemble, kind, weighting, teacher_probs)) is not None:
             # One node for the whole loss: the same value as the general path would give.
-            with_ce = labels is not None and alpha < 1
-            fused = _target_kd_ce if teacher_probs is not None else _mean_kd_ce
-            loss, kd, ce = fused(student_logits, teacher_probs if teacher_probs is not None else teacher_logits,
-                                 labels if with_ce else None, temperature,
-                                 1.0 if labels is None else alpha, 1 - alpha if with_ce else 0.0, kind)
+            target, with_ce, w_kd, w_ce = plan
+            loss, kd, ce = _target_kd_ce(student_logits, target, labels if with_ce else None, temperature, w_kd, w_ce,
+                                         kind)
             return loss, {"kd": kd.detach(), **({"ce": ce.detach()} if with_ce else {}), "loss": loss.detach()}
         else:
             k_teachers = teacher_logits.shape[1]
@@ -176,6 +168,66 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return loss, logged
 
 
+def distillation_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+                      labels: torch.Tensor | None, temperature: float, alpha: float,
+                      weights: torch.Tensor | None = None,
+                      teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                      temperatures: list[float] | torch.Tensor | None = None, ensemble: str = "mean",
+                      kind: str = "kl", weighting: str = "fixed", teacher_probs: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """The gradient of distillation_loss (same arguments) with respect to student_logits, and
+    its logged parts, formed directly, without autograd, when the loss is the common one (the
+    teachers' mean distribution, KL or soft CE, plus cross-entropy): the caller then runs
+    student_logits.backward(grad). None in every other case: use distillation_loss.
+
+    Each tensor op costs microseconds of dispatch (a kernel launch on a GPU) whatever its
+    size, and a small student's whole step is a few hundred of them: through autograd this loss
+    took ~4x the ops of plain cross-entropy, and an autograd.Function around the same ops still
+    paid for its node and saved tensors on every step."""
+    _check(teacher_logits, teacher_topk, teacher_probs, labels, ensemble, kind, weighting)
+    plan = _fused_plan(teacher_logits, labels, temperature, alpha, weights, teacher_topk, temperatures,
+                       ensemble, kind, weighting, teacher_probs)
+    if plan is None or plan[0].requires_grad:
+        return None
+    target, with_ce, w_kd, w_ce = plan
+    with torch.no_grad():
+        grad, values = fused_kd_ce_grad(student_logits.detach(), target, labels if with_ce else None,
+                                        temperature, w_kd, w_ce, kind)
+    loss, kd, ce = values.unbind()
+    return grad, {"kd": kd, **({"ce": ce} if with_ce else {}), "loss": loss}
+
+
+def _check(teacher_logits, teacher_topk, teacher_probs, labels, ensemble: str, kind: str, weighting: str) -> bool:
+    """distillation_loss's argument checks; returns whether any teacher signal was given."""
+    if sum(t is not None for t in (teacher_logits, teacher_topk, teacher_probs)) > 1:
+        raise ValueError("give one of teacher_logits, teacher_topk and teacher_probs")
+    if teacher_probs is not None and not needs_only_the_mean_target(ensemble, kind, weighting):
+        raise ValueError(f"teacher_probs (the ensemble formed when read) serve ensemble=mean, loss kl or soft_ce "
+                         f"and fixed weighting, not {ensemble}/{kind}/{weighting}: pass the teachers' logits")
+    has_teachers = teacher_logits is not None or teacher_topk is not None or teacher_probs is not None
+    if not has_teachers and labels is None:
+        raise ValueError("distillation_loss needs teacher logits, labels, or both")
+    if ensemble not in ENSEMBLES or kind not in KINDS:
+        raise ValueError(f"ensemble {ensemble!r} / loss {kind!r}: use {ENSEMBLES} / {KINDS}")
+    return has_teachers
+
+
+def _fused_plan(teacher_logits, labels, temperature: float, alpha: float, weights, teacher_topk, temperatures,
+                ensemble: str, kind: str, weighting: str, teacher_probs):
+    """(target distribution [B, C], with cross-entropy?, w_kd, w_ce) when the loss is the
+    fused one (see _plain_mean), else None."""
+    if teacher_topk is not None or alpha <= 0:
+        return None
+    if teacher_probs is not None:
+        target = teacher_probs
+    elif teacher_logits is not None and _plain_mean(weights, weighting, temperatures, temperature, ensemble, kind):
+        target = _mean_target(teacher_logits, temperature)
+    else:
+        return None
+    with_ce = labels is not None and alpha < 1
+    return target, with_ce, (1.0 if labels is None else float(alpha)), (1 - float(alpha) if with_ce else 0.0)
+
+
 def needs_only_the_mean_target(ensemble: str, kind: str, weighting: str) -> bool:
     """Does the distillation term depend on the teachers only through their weighted mean
     distribution (so it can be formed once, as teacher_probs)? Mean ensemble, KL or soft CE,
@@ -185,7 +237,7 @@ def needs_only_the_mean_target(ensemble: str, kind: str, weighting: str) -> bool
 
 def _plain_mean(weights, weighting: str, temperatures, temperature: float, ensemble: str, kind: str) -> bool:
     """The common case: equal teacher weights, fixed weighting, one temperature, the mean
-    ensemble and a KL or soft-CE term; _mean_kd_ce computes it in one fused node (the general
+    ensemble and a KL or soft-CE term; fused_kd_ce_grad forms it in a few ops (the general
     path builds per-sample weights and per-teacher temperatures on every step)."""
     if not needs_only_the_mean_target(ensemble, kind, weighting):
         return False
@@ -195,46 +247,71 @@ def _plain_mean(weights, weighting: str, temperatures, temperature: float, ensem
         bool(torch.all(torch.as_tensor(temperatures, dtype=torch.float32) == float(temperature)))
 
 
-class _TargetKDCE(torch.autograd.Function):
-    """w_kd * T^2 KL (or soft CE) of softmax(s / T) from a target distribution p, plus w_ce *
-    cross-entropy with the labels (when given), batch means, in one autograd node with its
-    gradient written out:
+@functools.lru_cache(maxsize=32)
+def _fused_constants(b: int, temperature: float, w_kd: float, w_ce: float, kl: bool, with_ce: bool,
+                     dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fused_kd_ce_grad's per-shape constants, made once: the matrix taking the step's raw sums
+    (sum p log q, sum of the labels' log r, then sum p log p for KL) to (loss, kd, ce), and a
+    column of -1 that subtracts the one-hot labels from softmax(s)."""
+    kk = temperature * temperature / b
+    kd = [-kk, 0.0, kk] if kl else [-kk, 0.0]
+    ce = [0.0, -1.0 / b, 0.0] if kl else [0.0, -1.0 / b]
+    rows = [[w_kd * d + w_ce * c for d, c in zip(kd, ce)], kd, ce]
+    if not with_ce:  # no labels: the sums are (sum p log q[, sum p log p]) and ce is 0
+        rows = [[r[0]] + r[2:] for r in rows]
+    mix = torch.tensor(rows, dtype=dtype, device=device)
+    minus_one = torch.full((b, 1), -1.0, dtype=dtype, device=device) if with_ce else None
+    return mix, minus_one
+
+
+def fused_kd_ce_grad(s: torch.Tensor, p: torch.Tensor, labels: torch.Tensor | None, temperature: float,
+                     w_kd: float, w_ce: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """w_kd * T^2 KL (kind "kl", or soft CE "soft_ce") of softmax(s / T) from a target
+    distribution p, plus w_ce * cross-entropy with the labels (when given), batch means:
+    (its gradient with respect to s, in s's dtype; [loss, kd, ce] in float32 or wider, ce 0
+    without labels). No autograd (call it under no_grad):
         d/ds = w_kd * T * (softmax(s / T) - p) / B + w_ce * (softmax(s) - onehot(labels)) / B
-    (p sums to 1). Autograd would retrace division, the two log-softmaxes, the KL, the means and
-    the weighted sum: here the step of a small student on cached labels costs little more than a
-    plain one. Returns (loss, kd, ce); kd and ce are detached, ce is 0 without labels. The
-    target is data and gets no gradient."""
+    (p sums to 1). The three raw sums go through one small matrix to (loss, kd, ce)."""
+    dtype = torch.promote_types(torch.promote_types(s.dtype, p.dtype), torch.float32)
+    b, in_dtype, kl = s.shape[0], s.dtype, kind == "kl"
+    s = s if s.dtype == dtype else s.to(dtype)
+    p = p if p.dtype == dtype else p.to(dtype)
+    with_ce = labels is not None
+    mix, minus_one = _fused_constants(b, float(temperature), float(w_kd), float(w_ce), kl, with_ce, dtype, s.device)
+    log_q = torch.log_softmax(s * (1.0 / temperature), dim=-1)
+    sums = [torch.dot(p.reshape(-1), log_q.reshape(-1))]
+    grad = log_q.exp_().sub_(p).mul_(w_kd * temperature / b)  # log_q is spent here
+    if with_ce:
+        idx = labels.reshape(-1, 1)
+        idx = idx if idx.dtype == torch.int64 else idx.long()
+        log_r = torch.log_softmax(s, dim=-1)
+        sums.append(log_r.gather(1, idx).sum())
+        grad.add_(log_r.exp_().scatter_add_(1, idx, minus_one), alpha=w_ce / b)
+    if kl:
+        sums.append(torch.xlogy(p, p).sum())
+    values = torch.mv(mix, torch.stack(sums))  # without labels the matrix's ce row is 0
+    return (grad if grad.dtype == in_dtype else grad.to(in_dtype)), values
+
+
+class _TargetKDCE(torch.autograd.Function):
+    """fused_kd_ce_grad's loss in one autograd node, its gradient formed in the forward and the
+    backward one multiplication. Returns (loss, kd, ce); kd and ce are detached. The target is
+    data and gets no gradient. (Training calls fused_kd_ce_grad directly, see
+    distillation_grad: no node at all.)"""
 
     @staticmethod
-    def forward(ctx, s, p, labels, temperature: float, w_kd: float, w_ce: float, kl: bool):
-        dtype = torch.promote_types(torch.promote_types(s.dtype, p.dtype), torch.float32)
-        b, sf, p = s.shape[0], s.to(dtype), p.to(dtype)
-        log_q = F.log_softmax(sf / temperature, dim=-1)
-        cross = (p * log_q).sum().neg_()
-        kd = (cross + torch.xlogy(p, p).sum() if kl else cross) * (temperature**2 / b)
-        log_r = ce = None
-        if labels is not None:
-            log_r = F.log_softmax(sf, dim=-1)
-            ce = log_r.gather(1, labels.long()[:, None]).sum().neg_() / b
-        loss = kd * w_kd + ce * w_ce if ce is not None else kd * w_kd
-        ctx.save_for_backward(log_q, p, log_r, labels)
-        ctx.scales = (w_kd * temperature / b, w_ce / b)
-        ctx.in_dtype = s.dtype
-        kd = kd.detach()
-        ce = ce.detach() if ce is not None else torch.zeros((), dtype=dtype, device=s.device)
+    def forward(ctx, s, p, labels, temperature: float, w_kd: float, w_ce: float, kind: str):
+        grad, values = fused_kd_ce_grad(s, p, labels, temperature, w_kd, w_ce, kind)
+        loss, kd, ce = values.unbind()
+        ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(kd, ce)  # else autograd would make them outputs that need a gradient
         return loss, kd, ce
 
     @staticmethod
-    def backward(ctx, grad, _kd, _ce):
-        log_q, p, log_r, labels = ctx.saved_tensors
-        kd_scale, ce_scale = ctx.scales
-        g = log_q.exp().sub_(p).mul_(kd_scale)
-        if log_r is not None:
-            r = log_r.exp()
-            r[torch.arange(len(r), device=r.device), labels.long()] -= 1.0
-            g.add_(r, alpha=ce_scale)
-        return g.mul_(grad).to(ctx.in_dtype), None, None, None, None, None, None
+    def backward(ctx, grad_loss, _kd, _ce):
+        (grad,) = ctx.saved_tensors
+        # not in place: a second backward (retain_graph) must find it intact
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
 
 
 def _target_kd_ce(student_logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None,
@@ -249,16 +326,20 @@ def _target_kd_ce(student_logits: torch.Tensor, target: torch.Tensor, labels: to
         ce = F.cross_entropy(student_logits.to(dtype), labels) if labels is not None else None
         loss = kd * w_kd + ce * w_ce if ce is not None else kd * w_kd
         return loss, kd.detach(), (ce.detach() if ce is not None else torch.zeros((), dtype=dtype))
-    return _TargetKDCE.apply(student_logits, target, labels, float(temperature), float(w_kd), float(w_ce),
-                             kind == "kl")
+    return _TargetKDCE.apply(student_logits, target, labels, float(temperature), float(w_kd), float(w_ce), kind)
+
+
+def _mean_target(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The mean of the teachers' softmax(z / T), teacher_logits [B, K, C] -> [B, C]."""
+    dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
+    return F.softmax(teacher_logits.to(dtype) / temperature, dim=-1).mean(dim=1)
 
 
 def _mean_kd_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
                 temperature: float, w_kd: float, w_ce: float, kind: str):
     """_target_kd_ce to the mean of the teachers' softmax(z / T), teacher_logits [B, K, C]."""
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-    p = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1).mean(dim=1)
-    return _target_kd_ce(student_logits, p, labels, temperature, w_kd, w_ce, kind)
+    return _target_kd_ce(student_logits, _mean_target(teacher_logits, temperature), labels, temperature, w_kd, w_ce,
+                         kind)
 
 
 def _temperatures(temperatures, k: int, default: float) -> torch.Tensor:

@@ -259,3 +259,45 @@ def test_ensemble_formed_when_read_gives_the_general_paths_loss_and_gradient(kin
         distillation_loss(s, None, y, 4.0, 0.7, kind="mse", teacher_probs=probs)
     with pytest.raises(ValueError, match="one of"):
         distillation_loss(s, z, y, 4.0, 0.7, teacher_probs=probs)
+
+
+@pytest.mark.parametrize("kind", ["kl", "soft_ce"])
+def test_gradient_written_out_for_training_equals_autograds(kind):
+    """Training steps on the common loss take distillation_grad: the gradient with respect to
+    the student's logits and the logged parts, formed without autograd. They equal autograd's
+    gradient of distillation_loss and its parts, from a formed target or from the teachers'
+    logits, with and without labels; a bf16 student gets a bf16 gradient; every other loss
+    (top-k, sum ensemble, per-sample weighting, unequal weights, no teachers) is left to autograd."""
+    from kdpipe import losses
+
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(12, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(12, 3, 10, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 10, (12,), generator=g)
+    probs = losses._mean_target(z, 4.0)
+    for teachers, formed in ((z, None), (None, probs)):
+        for labelled, alpha in ((True, 0.8), (False, 1.0)):
+            labels = y if labelled else None
+            loss, parts = distillation_loss(s, teachers, labels, 4.0, alpha, kind=kind, teacher_probs=formed)
+            (want,) = torch.autograd.grad(loss, s)
+            got, got_parts = losses.distillation_grad(s, teachers, labels, 4.0, alpha, kind=kind, teacher_probs=formed)
+            assert not got.requires_grad and got.dtype == s.dtype
+            assert torch.allclose(got, want, rtol=1e-9, atol=1e-12), (got - want).abs().max()
+            assert set(got_parts) == set(parts) == ({"kd", "ce", "loss"} if labelled else {"kd", "loss"})
+            for k in parts:
+                assert torch.allclose(got_parts[k], parts[k], rtol=1e-9), (k, got_parts[k], parts[k])
+    # the parts are the terms: ce is the cross-entropy and the loss their weighted sum
+    _, p = losses.distillation_grad(s, z, y, 4.0, 0.8, kind=kind)
+    assert torch.allclose(p["ce"], F.cross_entropy(s, y)) and torch.allclose(p["loss"], 0.8 * p["kd"] + 0.2 * p["ce"])
+    half, _ = losses.distillation_grad(s.detach().to(torch.bfloat16), None, y, 4.0, 0.8, kind=kind,
+                                       teacher_probs=probs.float())
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    w = torch.tensor([1.0, 2.0, 2.0])
+    ids = torch.topk(z, 3, dim=-1).indices
+    topk = (ids, torch.softmax(z, -1).gather(-1, ids), 1 - torch.softmax(z, -1).gather(-1, ids).sum(-1))
+    for args, kwargs in (((s, z, y, 4.0, 0.8), {"ensemble": "sum"}), ((s, z, y, 4.0, 0.8), {"weighting": "confidence"}),
+                         ((s, z, y, 4.0, 0.8, w), {}), ((s, None, y, 4.0, 0.8), {"teacher_topk": topk}),
+                         ((s, None, y, 4.0, 0.0), {}), ((s, z, y, 4.0, 0.8), {"kind": "mse"})):
+        assert losses.distillation_grad(*args, **kwargs) is None, kwargs
+    with pytest.raises(ValueError, match="one of"):
+        losses.distillation_grad(s, z, y, 4.0, 0.7, teacher_probs=probs)

@@ -122,6 +122,39 @@ def test_train_step_is_pure_torch():
     assert np.isfinite(last)
 
 
+def test_train_step_on_the_common_loss_moves_the_weights_as_autograd_would():
+    """The train step forms the common loss's gradient directly (losses.distillation_grad) and
+    runs the model's backward from it: after a step the weights are those a step on autograd's
+    gradient of distillation_loss gives, from formed targets and from teachers' logits."""
+    import torch
+
+    from kdpipe import losses
+    from kdpipe.models import build_model
+
+    g = torch.Generator().manual_seed(1)
+    x, y, z = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g), torch.randn(8, 3, 10, generator=g)
+    for teachers in ({"teacher_logits": z}, {"teacher_probs": losses._mean_target(z, 4.0)}):
+        torch.manual_seed(0)
+        model = build_model("cnn", 10, (1, 8, 8))
+        twin = build_model("cnn", 10, (1, 8, 8))
+        twin.load_state_dict(model.state_dict())
+        opt, twin_opt = (torch.optim.Adam(m.parameters(), lr=0.01) for m in (model, twin))
+        for step in range(3):
+            torch.manual_seed(step)  # the same dropout masks on both sides
+            parts = train.train_step(model, opt, {"x": x, "label": y, **teachers}, 4.0, 0.9, None)
+            twin.train()
+            torch.manual_seed(step)
+            loss, want = losses.distillation_loss(twin(x), teachers.get("teacher_logits"), y, 4.0, 0.9,
+                                                  teacher_probs=teachers.get("teacher_probs"))
+            twin_opt.zero_grad()
+            loss.backward()
+            twin_opt.step()
+            assert {k: float(v) for k, v in parts.items()} == pytest.approx({k: float(v) for k, v in want.items()},
+                                                                            rel=1e-5)
+        for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+
+
 def test_fetched_batches_are_cut_into_the_steps_of_the_configured_batch():
     """The loop takes >= 256 rows per batch from Ray Data and cuts them into steps on the worker:
     the same rows in the same order, every step batch_size rows but the epoch's last."""
