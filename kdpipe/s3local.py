@@ -87,20 +87,33 @@ def _launch(command: list[str], env: dict[str, str], folder: str) -> subprocess.
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+PROBE_BUCKET = "kdpipe-s3local-probe"
+
+
 def _wait_until_serving(server: LocalS3, timeout_s: float) -> None:
-    """Wait until the server answers (creating its bucket if missing)."""
+    """Wait until the server serves reads and writes: its bucket exists (created if missing), a
+    probe object written to a bucket of its own reads back, and so does an object already in
+    the bucket, if any. After a restart the filer answers listings some seconds before the
+    volume server serves the objects' data (reads fail with InternalError meanwhile)."""
     import s3fs
 
     deadline = time.time() + timeout_s
     while True:
         try:
-            s3fs.S3FileSystem(skip_instance_cache=True, **server.options).mkdir(server.bucket)
-            return
-        except FileExistsError:  # a restart: the bucket is still there
-            return
-        except Exception:  # not up yet: connection refused, 503...
-            if time.time() > deadline or server.process.poll() is not None:
-                server.process.kill()
-                with open(os.path.join(server.folder, "weed.log")) as f:
-                    raise RuntimeError(f"SeaweedFS did not start: {f.read()[-2000:]}") from None
-            time.sleep(0.5)
+            fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.options)
+            for bucket in (server.bucket, PROBE_BUCKET):
+                try:
+                    fs.mkdir(bucket)
+                except FileExistsError:  # a restart: the bucket is still there
+                    pass
+            fs.pipe_file(f"{PROBE_BUCKET}/probe", b"ok")
+            stored = next(iter(fs.find(server.bucket)), None)
+            if fs.cat_file(f"{PROBE_BUCKET}/probe") == b"ok" and (stored is None or fs.cat_file(stored) is not None):
+                return
+        except Exception:  # not up yet: connection refused, 503, InternalError...
+            pass
+        if time.time() > deadline or server.process.poll() is not None:
+            server.process.kill()
+            with open(os.path.join(server.folder, "weed.log")) as f:
+                raise RuntimeError(f"SeaweedFS did not start: {f.read()[-2000:]}") from None
+        time.sleep(0.5)
