@@ -108,7 +108,9 @@ def _wait_until_serving(server: LocalS3, timeout_s: float) -> None:
                     pass
             fs.pipe_file(f"{PROBE_BUCKET}/probe", b"ok")
             stored = next(iter(fs.find(server.bucket)), None)
-            if fs.cat_file(f"{PROBE_BUCKET}/probe") == b"ok" and (stored is None or fs.cat_file(stored) is not None):
+            if stored is not None:
+                fs.cat_file(stored)  # raises until the volume server serves the data stored before
+            if fs.cat_file(f"{PROBE_BUCKET}/probe") == b"ok":
                 return
         except Exception:  # not up yet: connection refused, 503, InternalError...
             pass
