@@ -28,7 +28,9 @@ def ensure_ray(address: str | None, num_cpus: float | None = None) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Worker logs stay in Ray's session folder unless asked for: remote errors still reach the
     # driver as exceptions with their tracebacks, and the terminal stays readable.
-    kwargs: dict = {"include_dashboard": True, "log_to_driver": os.environ.get("KDPIPE_RAY_LOGS") == "1",
+    # The dashboard (Ray's job and state APIs) starts where Ray's "default" extra is installed;
+    # a bare Ray (a GPU image with a slim offline bundle, say) runs without it instead of failing.
+    kwargs: dict = {"include_dashboard": None, "log_to_driver": os.environ.get("KDPIPE_RAY_LOGS") == "1",
                     "logging_level": logging.WARNING, "configure_logging": True}
     if address:
         ray.init(address=address, **kwargs)

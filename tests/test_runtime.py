@@ -45,3 +45,28 @@ def test_train_workers_fit_with_reads():
     assert 2 * plan_train_worker_cpus(2, 2, None) + READ_TASK_CPUS <= 2
     assert plan_train_worker_cpus(32, 2, None) == 4.0
     assert plan_train_worker_cpus(2, 2, 0.3) == 0.3
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_ray_starts_where_the_dashboards_packages_are_missing(tmp_path):
+    """A bare Ray (a GPU image with only the slim offline bundle: no aiohttp_cors, opencensus ...)
+    has no dashboard; kdpipe's local Ray must start and run tasks there all the same."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "aiohttp_cors.py").write_text(  # what a package that is not installed raises
+        'raise ModuleNotFoundError("No module named \'aiohttp_cors\'", name="aiohttp_cors")\n')
+    ray_tmp = tempfile.mkdtemp(prefix="kdbare-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    code = ("import ray; from kdpipe import runtime; "
+            "import ray._private.utils as u; assert u.get_dashboard_dependency_error() is not None; "
+            "assert runtime.ensure_ray(None, 1); print('sum', ray.get(ray.remote(lambda x: x + 1).options(num_cpus=0.5).remote(41)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")]),
+           "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sum 42" in out.stdout
