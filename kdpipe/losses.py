@@ -256,7 +256,7 @@ def _fused_constants(b: int, temperature: float, w_kd: float, w_ce: float, kl: b
     kk = temperature * temperature / b
     kd = [-kk, 0.0, kk] if kl else [-kk, 0.0]
     ce = [0.0, -1.0 / b, 0.0] if kl else [0.0, -1.0 / b]
-    rows = [[w_kd * d + w_ce * c for d, c in zip(kd, ce)], kd, ce]
+    rows = [[w_kd * d + w_ce * c for d, c in zip(kd, ce, strict=True)], kd, ce]
     if not with_ce:  # no labels: the sums are (sum p log q[, sum p log p]) and ce is 0
         rows = [[r[0]] + r[2:] for r in rows]
     mix = torch.tensor(rows, dtype=dtype, device=device)

@@ -233,7 +233,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             else:
                 totals.add_(torch.stack([parts[k] for k in names]), alpha=n)
             ready = time.perf_counter()
-        sums = dict(zip(names, totals.tolist())) if totals is not None else {}
+        sums = dict(zip(names, totals.tolist(), strict=True)) if totals is not None else {}
         return rows, time.time() - t0, sums, replayed, waited
 
     for epoch in range(start_epoch, epochs):
