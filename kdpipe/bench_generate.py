@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
 import statistics
 import time
 from typing import Any
@@ -59,7 +60,18 @@ GPU_SETUP = {"arch": "resnet50", "image_size": 224, "batch_size": 256,
              "rows": 8}
 
 
+SETUPS = {"small": CPU_SETUP, "large": GPU_SETUP}
+SETUP_ENV = "KDPIPE_BENCH_SETUP"  # small | large | auto (`kdpipe bench ... --setup`)
+
+
 def setup(on_gpu: bool | None = None) -> dict[str, Any]:
+    """The setup for this host (large on a CUDA host), unless $KDPIPE_BENCH_SETUP names one: the
+    large one on a CPU (at a small --size) tries the GPU run's teachers before a GPU is lent."""
+    chosen = os.environ.get(SETUP_ENV, "auto").strip().lower() or "auto"
+    if chosen != "auto" and on_gpu is None:
+        if chosen not in SETUPS:
+            raise ValueError(f"${SETUP_ENV}={chosen!r}: use small, large or auto")
+        return SETUPS[chosen]
     return GPU_SETUP if (gpu() if on_gpu is None else on_gpu) else CPU_SETUP
 
 

@@ -15,9 +15,11 @@ scales the inputs. The default size fits in about ten minutes on a 2-core laptop
 from __future__ import annotations
 
 import copy
+import json
 import platform
 import statistics
 import time
+import traceback
 from typing import Any
 
 from kdpipe import config, generate, regenerate, runtime, storage
@@ -108,12 +110,15 @@ PARTS = ("p1", "p2", "p3", "p4", "p6", "p7")  # P5 comes from P3's runs
 
 
 def run_all(workdir: str, size: float = 1.0, repeats: int = 2, parts: tuple[str, ...] = PARTS,
-            say=lambda text: None) -> dict[str, Any]:
-    """Every figure of the suite, one after the other, each alternating its own sides."""
+            say=lambda text: None, out_path: str | None = None) -> dict[str, Any]:
+    """Every figure of the suite, one after the other in the order of `parts`, each alternating
+    its own sides. A part that fails costs only its own figure: its error is kept under "errors"
+    and the next part runs. With `out_path`, the result so far (goals included) is written there
+    after every part, so a run cut short (a job's time limit, a lost machine) keeps what it measured."""
     from kdpipe import bench, bench_generate, bench_student
 
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "size": size,
-                           "repeats": repeats, "seconds": {}}
+                           "repeats": repeats, "parts": list(parts), "seconds": {}, "errors": {}, "goals": []}
     steps = {
         "p1": lambda: bench_generate.generation_throughput(storage.join(workdir, "p1"), size, repeats),
         "p2": lambda: bench_generate.multi_teacher_pass(storage.join(workdir, "p2"), size, repeats),
@@ -125,13 +130,28 @@ def run_all(workdir: str, size: float = 1.0, repeats: int = 2, parts: tuple[str,
         "p6": lambda: regeneration_cost(storage.join(workdir, "p6"), repeats, size),
         "p7": lambda: bench_generate.actor_scaling(storage.join(workdir, "p7"), size, repeats),
     }
+    unknown = sorted(set(parts) - set(steps))
+    if unknown:
+        raise ValueError(f"benchmark parts {unknown}: use some of {', '.join(steps)} (P5 comes with p3)")
     for part in parts:
         started = time.perf_counter()
         say(f"kdpipe bench all: {part} ...")
-        out[part] = steps[part]()
+        try:
+            out[part] = steps[part]()
+        except Exception as e:  # noqa: BLE001 - reported in the result, the CLI exits 1
+            out["errors"][part] = f"{type(e).__name__}: {e}"
+            say(f"kdpipe bench all: {part} failed, going on with the next part\n{traceback.format_exc()}")
         out["seconds"][part] = round(time.perf_counter() - started, 1)
-    out["goals"] = goals(out)
+        out["goals"] = goals(out)
+        if out_path:
+            save(out_path, out)
     return out
+
+
+def save(path: str, result: dict[str, Any]) -> None:
+    """`result` as JSON at `path` (a local path or an fsspec URI), replaced whole each time."""
+    fs, p = storage.filesystem(path)
+    storage.write_bytes(fs, p, (json.dumps(result, indent=2, default=float) + "\n").encode())
 
 
 def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -140,7 +160,7 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
 
     def add(name: str, value, goal: str, ok) -> None:
-        rows.append({"figure": name, "value": value, "goal": goal, "met": ok})
+        rows.append({"figure": name, "value": float(value), "goal": goal, "met": None if ok is None else bool(ok)})
 
     if "p1" in r:
         # The goal compares throughput with throughput: the labelling stage's rate in its actors
@@ -185,6 +205,7 @@ def format_all(r: dict[str, Any]) -> str:
              "p4": lambda x: bench.format_storage(x["figures"], x["rows"], x["temperature"]),
              "p6": format_regeneration, "p7": bench_generate.format_actor_scaling}
     blocks = [head] + [f"[{p.upper()}, {r['seconds'][p]:.0f} s]\n{fmt(r[p])}" for p, fmt in parts.items() if p in r]
+    blocks += [f"[{p.upper()}, {r['seconds'][p]:.0f} s] FAILED: {e}" for p, e in r.get("errors", {}).items()]
     lines = ["summary", f"{'figure':<48}{'value':>10}  {'goal':<10}met"]
     for g in r["goals"]:
         met = "-" if g["met"] is None else ("yes" if g["met"] else "NO")

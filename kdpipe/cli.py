@@ -154,8 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--size", type=float, default=1.0, help="scale the inputs (default 1)")
             p.add_argument("--repeats", type=int, default=2 if name in ("all", "regenerate") else 3)
+            p.add_argument("--setup", choices=("auto", "small", "large"), default=None,
+                           help="teachers and images: small (resnet18 & co at 64 px, the CPU default) or large "
+                                "(resnet50, vit_b_16, convnext_tiny at 224 px, the CUDA default); default auto, "
+                                "or $KDPIPE_BENCH_SETUP")
         if name == "all":
-            p.add_argument("--only", default=",".join(_SUITE_PARTS), help="comma-separated parts (default: all)")
+            p.add_argument("--only", default=",".join(_SUITE_PARTS),
+                           help="comma-separated parts, run in this order (default: all)")
+            p.add_argument("--out", default=None, metavar="PATH",
+                           help="also write the result as JSON here (a path or URI) after every part, so that "
+                                "a run cut short keeps the figures it measured")
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     cache = sub.add_parser("cache", help="inspect, verify and clean the soft-label cache",
@@ -303,14 +311,21 @@ def _bench_suite(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as tmp:
         workdir = args.workdir or tmp
         command = args.bench_command
+        if getattr(args, "setup", None):
+            os.environ[g.SETUP_ENV] = args.setup
         if command == "all":
             parts = tuple(p.strip().lower() for p in args.only.split(",") if p.strip())
             unknown = sorted(set(parts) - set(_SUITE_PARTS))
             if unknown:
                 raise ValueError(f"--only {unknown}: use some of {', '.join(_SUITE_PARTS)} (P5 comes with p3)")
             result = bench_suite.run_all(workdir, args.size, args.repeats, parts,
-                                         say=lambda text: print(text, file=sys.stderr))
+                                         say=lambda text: print(text, file=sys.stderr), out_path=args.out)
             text = bench_suite.format_all(result)
+            if result["errors"]:  # the figures that did come are still printed; the exit status says some failed
+                _emit(args, result, text)
+                print(f"kdpipe bench all: {', '.join(result['errors'])} failed (see above); the other figures "
+                      "are in the result", file=sys.stderr)
+                return 1
         elif command == "generate":
             result = g.generation_throughput(workdir, args.size, args.repeats)
             text = g.format_generation(result)

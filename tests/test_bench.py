@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from kdpipe import bench, labels
 
@@ -53,3 +54,41 @@ def test_student_benchmark_copies_keep_rows_and_give_each_copy_its_own_keys(tmp_
     stamp = out[0].stat().st_mtime_ns
     assert bench_student.with_copies(cfg, 3).data.train == c.data.train and out[0].stat().st_mtime_ns == stamp
     assert bench_student.with_copies(cfg, 1) is cfg
+
+
+def test_student_benchmark_trains_on_the_gpus_where_there_are_some():
+    """One DDP rank per whole GPU (NCCL takes no two ranks on one device); none on a CPU cluster.
+    The overrides must be real config keys with the values the trainer reads."""
+    from kdpipe import bench_student, config
+
+    assert bench_student.device_overrides(0) == [] and bench_student.device_overrides(0.5) == []
+    for gpus, workers in ((1, 1), (8.0, 8)):
+        cfg = config.load_config(None, bench_student.device_overrides(gpus))
+        assert cfg.train.use_gpu is True and cfg.train.num_workers == workers
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_bench_all_goes_on_after_a_failed_part_and_keeps_what_it_measured(tmp_path):
+    """`kdpipe bench all --out`: the result is written after every part; a part that fails (here P6,
+    whose scratch folder is a file) is named, with its error, and the other parts' figures stay."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the benchmark wants a folder\n")
+    out = tmp_path / "results" / "all.json"
+    run = subprocess.run([sys.executable, "-m", "kdpipe.cli", "bench", "all", "--only", "p4,p6", "--size", "0.1",
+                          "--repeats", "1", "--workdir", str(blocked), "--out", str(out), "--json"],
+                         capture_output=True, text=True, timeout=220, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "p6 failed" in run.stderr
+    saved = json.loads(out.read_text())
+    assert json.loads(run.stdout) == saved
+    assert saved["parts"] == ["p4", "p6"] and "p6" not in saved and set(saved["errors"]) == {"p6"}
+    assert "not-a-folder" in saved["errors"]["p6"]
+    assert saved["p4"]["rows"] == 1000 and saved["p4"]["figures"]
+    (p4,) = [g for g in saved["goals"] if g["figure"].startswith("P4")]
+    assert p4["met"] is True and 0 < p4["value"] <= 48

@@ -70,3 +70,16 @@ def test_cpu_and_gpu_setups_name_teachers_that_build_for_their_image_size():
         with torch.device("meta"):
             out = build_model(arch, 10, (3, 224, 224))(torch.empty(2, 3, 224, 224))
         assert tuple(out.shape) == (2, 10), arch
+
+
+def test_setup_can_be_chosen_by_name(monkeypatch):
+    """$KDPIPE_BENCH_SETUP (`kdpipe bench ... --setup`) picks the large teachers on a CPU, to try
+    the GPU run's models before a GPU is lent, or the small ones on a GPU."""
+    monkeypatch.setenv(bg.SETUP_ENV, "large")
+    assert bg.setup() is bg.GPU_SETUP
+    monkeypatch.setenv(bg.SETUP_ENV, "small")
+    assert bg.setup() is bg.CPU_SETUP
+    assert bg.setup(on_gpu=True) is bg.GPU_SETUP  # an explicit question gets its own answer
+    monkeypatch.setenv(bg.SETUP_ENV, "huge")
+    with pytest.raises(ValueError, match="KDPIPE_BENCH_SETUP.*'huge'.*small, large or auto"):
+        bg.setup()
