@@ -3,8 +3,9 @@
     kdpipe submit benchmark jobs/configs/digits.yaml --wait          # `kdpipe bench all` on the cluster
     ray job submit --working-dir . -- python jobs/benchmark.py student --repeats 3 --json
 With a config file first (what `kdpipe submit` passes), it joins the config's Ray cluster
-(`--set ray.address=auto`) and runs `kdpipe bench all --json` in <workdir>/bench; otherwise its
-arguments are those of `kdpipe bench` (storage, stream, student, quality, regenerate, load, all).
+(`--set ray.address=auto`) and runs `kdpipe bench all --json` in <workdir>/bench, keeping the
+result in <workdir>/bench/result.json; otherwise its arguments are those of `kdpipe bench`
+(storage, stream, student, quality, regenerate, load, all).
 """
 
 import sys
@@ -21,7 +22,8 @@ def run(argv: list[str]) -> int:
     overrides = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--set"]
     cfg = load_config(argv[0], overrides)
     runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)  # every benchmark then runs on this cluster
-    return main(["bench", "all", "--workdir", storage.join(cfg.workdir, "bench"), "--json"])
+    bench = storage.join(cfg.workdir, "bench")  # the result stays there too, written after every part
+    return main(["bench", "all", "--workdir", bench, "--out", storage.join(bench, "result.json"), "--json"])
 
 
 if __name__ == "__main__":

@@ -390,3 +390,23 @@ def test_no_credentials_anywhere_in_infra_or_job_configs():
     for options in (cfg.data.storage_options, cfg.cache.storage_options):
         assert not {"key", "secret", "token"} & set(options)
 
+
+
+def test_gpu_bench_script_passes_bash_and_uses_options_kdpipe_has():
+    """infra/gpu-bench.sh runs once per GPU lease, with no second try: its shell must parse and
+    every option it gives `kdpipe bench all` must be one the command accepts."""
+    import subprocess
+    import sys
+
+    script = INFRA / "gpu-bench.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    command = re.search(r"python3 -m kdpipe\.cli bench all (.*?)\n *>", script.read_text(), re.S).group(1)
+    used = set(re.findall(r"(--[a-z][a-z-]*)", command))
+    assert {"--setup", "--only", "--size", "--repeats", "--out"} <= used
+    helped = subprocess.run([sys.executable, "-m", "kdpipe.cli", "bench", "all", "--help"], capture_output=True,
+                            text=True, timeout=60)
+    offered = set(re.findall(r"(--[a-z][a-z-]*)", helped.stdout))
+    assert used <= offered, used - offered
+    parts = re.search(r"BENCH_PARTS:-([a-z0-9,]+)", script.read_text()).group(1).split(",")
+    from kdpipe.bench_suite import PARTS
+    assert sorted(parts) == sorted(PARTS)
