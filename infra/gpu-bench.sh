@@ -11,7 +11,8 @@
 # autocast, channels-last; the student on the GPU) under a time limit, and OUT_DIR gets:
 #   gpu.txt         the GPU (nvidia-smi), Python, torch, CUDA and Ray versions
 #   bench-all.json  the result, rewritten after every part: a run cut short keeps what it measured
-#   bench-all.txt   the result as a table (once every part has run)
+#   bench-all.txt   the result as a table (once every part has run; `kdpipe bench show` prints
+#                   the JSON's, whole or cut short, and this script does at its end)
 #   bench-all.log   progress, warnings and any part's traceback
 # Settings: BENCH_PARTS (default p1,p2,p3,p6,p7,p4: the order they run in), BENCH_SIZE (1),
 # BENCH_REPEATS (2), BENCH_LIMIT_S (500: the suite is interrupted then; its JSON stays).
@@ -39,15 +40,6 @@ timeout --signal=INT --kill-after=60 "${BENCH_LIMIT_S:-500}" \
     --size "${BENCH_SIZE:-1}" --repeats "${BENCH_REPEATS:-2}" --out "$out/bench-all.json" \
   > "$out/bench-all.txt" 2> "$out/bench-all.log" || rc=$?
 [ "$rc" = 0 ] || { echo "gpu-bench: exit $rc (124: the time limit); the log's end:"; tail -n 30 "$out/bench-all.log"; }
-cat "$out/bench-all.txt"
-if [ -f "$out/bench-all.json" ]; then
-  python3 - "$out/bench-all.json" <<'EOF'
-import json, sys
-r = json.load(open(sys.argv[1]))
-print("parts done:", [p for p in r["parts"] if p in r], "| failed:", r["errors"] or "none")
-for g in r["goals"]:
-    print(f"  {g['figure']:<48}{g['value']:>10.2f}  {g['goal']:<10}{g['met']}")
-EOF
-fi
+[ -f "$out/bench-all.json" ] && python3 -m kdpipe.cli bench show "$out/bench-all.json" || true
 echo "gpu-bench: $(( $(date +%s) - started )) s in all"
 exit "$rc"

@@ -206,6 +206,9 @@ def format_all(r: dict[str, Any]) -> str:
              "p6": format_regeneration, "p7": bench_generate.format_actor_scaling}
     blocks = [head] + [f"[{p.upper()}, {r['seconds'][p]:.0f} s]\n{fmt(r[p])}" for p, fmt in parts.items() if p in r]
     blocks += [f"[{p.upper()}, {r['seconds'][p]:.0f} s] FAILED: {e}" for p, e in r.get("errors", {}).items()]
+    unrun = [p for p in r.get("parts", []) if p not in r and p not in r.get("errors", {})]
+    if unrun:  # a saved result of a run cut short
+        blocks.append(f"not measured (the run ended before them): {', '.join(p.upper() for p in unrun)}")
     lines = ["summary", f"{'figure':<48}{'value':>10}  {'goal':<10}met"]
     for g in r["goals"]:
         met = "-" if g["met"] is None else ("yes" if g["met"] else "NO")

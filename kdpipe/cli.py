@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also write the result as JSON here (a path or URI) after every part, so that "
                                 "a run cut short keeps the figures it measured")
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p = bench_sub.add_parser(
+        "show", help="print a saved `bench all` result (--out, or a benchmark job's result.json) as its table",
+        description="Print the tables and the goals of a `kdpipe bench all` result saved as JSON (by --out, or by "
+                    "jobs/benchmark.py in <workdir>/bench/result.json), whole or cut short; storage credentials "
+                    "for a URI come from the environment.")
+    p.add_argument("result", help="the JSON file: a path or URI")
+    p.add_argument("--json", action="store_true", help="print the JSON object itself")
 
     cache = sub.add_parser("cache", help="inspect, verify and clean the soft-label cache",
                            description="List, show, verify and garbage-collect committed soft labels. The cache "
@@ -244,6 +251,12 @@ def _main(args: argparse.Namespace) -> int:
             return _bench_stream(args)
         if args.command == "bench" and args.bench_command in ("student", "quality"):
             return _bench_student(args)
+        if args.command == "bench" and args.bench_command == "show":
+            from kdpipe import bench_suite, storage
+
+            result = storage.read_json(*storage.filesystem(args.result))
+            _emit(args, result, bench_suite.format_all(result))
+            return 1 if result.get("errors") else 0
         if args.command == "bench" and args.bench_command in ("all", "generate", "teachers", "scale", "regenerate", "load"):
             return _bench_suite(args)
         if args.command == "bench":

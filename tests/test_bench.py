@@ -92,3 +92,14 @@ def test_bench_all_goes_on_after_a_failed_part_and_keeps_what_it_measured(tmp_pa
     assert saved["p4"]["rows"] == 1000 and saved["p4"]["figures"]
     (p4,) = [g for g in saved["goals"] if g["figure"].startswith("P4")]
     assert p4["met"] is True and 0 < p4["value"] <= 48
+    # `kdpipe bench show` prints the saved result's tables: the failure named, and (a run cut
+    # short, as a time limit leaves it) the parts it never reached.
+    show = subprocess.run([sys.executable, "-m", "kdpipe.cli", "bench", "show", str(out)], capture_output=True,
+                          text=True, timeout=60)
+    assert show.returncode == 1 and "P4 top-10 bytes/sample/teacher" in show.stdout
+    assert "[P6," in show.stdout and "FAILED: NotADirectoryError" in show.stdout
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps({**saved, "errors": {}}))
+    show = subprocess.run([sys.executable, "-m", "kdpipe.cli", "bench", "show", str(cut)], capture_output=True,
+                          text=True, timeout=60)
+    assert show.returncode == 0 and "not measured (the run ended before them): P6" in show.stdout
