@@ -25,7 +25,7 @@ actor_scaling (P7): the labelling stage with 1, 2, 4 ... actors (fractional CPUs
     thread each, labelling only once the whole pool is up): samples/s, speed-up and efficiency
     per actor relative to one actor.
 
-Inputs are synthetic RGB images (smooth colour fields plus noise, PNG bytes in Parquet); the
+Inputs are synthetic RGB images (smooth colour fields plus noise, PNG or JPEG bytes in Parquet); the
 teachers are torchvision models with random weights saved as checkpoints (speed does not depend
 on the weights).
 """
@@ -379,7 +379,7 @@ def generation_throughput(workdir: str, size: float = 1, repeats: int = 3, arch:
     d = setup()
     arch, image_size, batch_size = arch or d["arch"], image_size or d["image_size"], batch_size or d["batch_size"]
     rows = max(shards, int(2048 * size * d["rows"]))
-    cfg = prepare(workdir, "p1", rows, image_size, shards, {arch: arch}, batch_size)
+    cfg = prepare(workdir, "p1", rows, image_size, shards, {arch: arch}, batch_size, d["image_format"])
     (plan,) = _plan(cfg)
     # Warm-up: Ray started, read workers up (the materialising pass), the driver's imports, the
     # plain model's first batches. Actor start-up is not warmed: every execution starts its pool.
@@ -404,7 +404,8 @@ def generation_throughput(workdir: str, size: float = 1, repeats: int = 3, arch:
                 res = generate_into(cfg, storage.join(workdir, "p1", f"cache-{r}"))
                 runs[side].append({"rows": res["rows"][arch], "seconds": res["seconds"], "units": res["units"][arch]})
     out: dict[str, Any] = {
-        "arch": arch, "image": [3, image_size, image_size], "rows": rows, "shards": shards, "batch_size": batch_size,
+        "arch": arch, "image": [3, image_size, image_size], "image_format": d["image_format"], "rows": rows,
+        "shards": shards, "batch_size": batch_size,
         "repeats": repeats, "cluster_cpus": runtime.cluster_cpus_gpus()[0], "plain_torch_threads": torch.get_num_threads(),
         "plan": {"actors": plan.pool_size, "num_cpus": plan.num_cpus, "threads": plan.threads},
         # the same teacher on both sides: its logits by sample key, last round
@@ -437,7 +438,7 @@ def _line(name: str, m: dict[str, Any], text: str, digits: int = 1) -> str:
 def format_generation(r: dict[str, Any]) -> str:
     c, h, w = r["image"]
     p = r["plan"]
-    lines = [f"teacher labelling: {r['arch']} on {r['rows']} RGB {h}x{w} PNG images in {r['shards']} Parquet shards, "
+    lines = [f"teacher labelling: {r['arch']} on {r['rows']} RGB {h}x{w} {r.get('image_format', 'png').upper()} images in {r['shards']} Parquet shards, "
              f"batch {r['batch_size']}, {r['cluster_cpus']:g} CPUs; median of {r['repeats']} alternating rounds (min-max)",
              f"{'side':<12}{'samples/s':>10}  {'min-max':>17}"]
     lines += [
