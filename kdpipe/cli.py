@@ -255,6 +255,9 @@ def _main(args: argparse.Namespace) -> int:
             from kdpipe import bench_suite, storage
 
             result = storage.read_json(*storage.filesystem(args.result))
+            if not isinstance(result, dict) or not {"machine", "parts", "goals"} <= set(result):
+                raise ValueError(f"{args.result}: not a `kdpipe bench all` result (one written by --out or by "
+                                 "jobs/benchmark.py); other benchmarks print their own tables")
             _emit(args, result, bench_suite.format_all(result))
             return 1 if result.get("errors") else 0
         if args.command == "bench" and args.bench_command in ("all", "generate", "teachers", "scale", "regenerate", "load"):

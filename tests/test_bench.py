@@ -103,3 +103,8 @@ def test_bench_all_goes_on_after_a_failed_part_and_keeps_what_it_measured(tmp_pa
     show = subprocess.run([sys.executable, "-m", "kdpipe.cli", "bench", "show", str(cut)], capture_output=True,
                           text=True, timeout=60)
     assert show.returncode == 0 and "not measured (the run ended before them): P6" in show.stdout
+    other = tmp_path / "storage.json"
+    other.write_text(json.dumps({"storage": [], "rows": 10}))
+    show = subprocess.run([sys.executable, "-m", "kdpipe.cli", "bench", "show", str(other)], capture_output=True,
+                          text=True, timeout=60)
+    assert show.returncode == 2 and f"{other}: not a `kdpipe bench all` result" in show.stderr
