@@ -2,7 +2,7 @@
 # `kdpipe bench all` on one CUDA host that has PyTorch but no package index: the GPU figures of the
 # README's Performance table, in one command that fits a short lease.
 #
-#   where pip works:   bash ../shared/tools/offline-ray-bundle.sh .gpu   # Ray (slim), webdataset & co, ~33 MiB
+#   where pip works:   bash infra/offline-ray-bundle.sh .gpu   # Ray (slim), webdataset & co, ~33 MiB
 #   on the GPU host:   bash infra/gpu-bench.sh .gpu OUT_DIR               # from the repository's root
 #
 # It unpacks the bundle into $KDPIPE_SITE (default /tmp/site) and runs kdpipe from this checkout,
@@ -22,7 +22,7 @@ set -euo pipefail
 bundle=${1:-.gpu}
 out=${2:-${OUT:-bench-gpu}}
 site=${KDPIPE_SITE:-/tmp/site}
-[ -f "$bundle/ray-slim.tar.xz" ] || { echo "gpu-bench: no $bundle/ray-slim.tar.xz; build it with ../shared/tools/offline-ray-bundle.sh $bundle" >&2; exit 2; }
+[ -f "$bundle/ray-slim.tar.xz" ] || { echo "gpu-bench: no $bundle/ray-slim.tar.xz; build it with infra/offline-ray-bundle.sh $bundle" >&2; exit 2; }
 mkdir -p "$site" "$out"
 started=$(date +%s)
 tar -C "$site" -xJf "$bundle/ray-slim.tar.xz"
