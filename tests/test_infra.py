@@ -398,8 +398,10 @@ def test_gpu_bench_script_passes_bash_and_uses_options_kdpipe_has():
     import subprocess
     import sys
 
-    script = INFRA / "gpu-bench.sh"
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    script, bundler = INFRA / "gpu-bench.sh", INFRA / "offline-ray-bundle.sh"
+    for path in (script, bundler):
+        assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0, path
+    assert '"$out/ray-slim.tar.xz"' in bundler.read_text() and '"$bundle/ray-slim.tar.xz"' in script.read_text()
     command = re.search(r"python3 -m kdpipe\.cli bench all (.*?)\n *>", script.read_text(), re.S).group(1)
     used = set(re.findall(r"(--[a-z][a-z-]*)", command))
     assert {"--setup", "--only", "--size", "--repeats", "--out"} <= used
