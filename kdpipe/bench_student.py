@@ -117,12 +117,10 @@ def _summary(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "each": values}
 
 
-def device_overrides(gpus: float) -> list[str]:
-    """Where the benchmark's student trains: on a cluster with GPUs, one DDP rank per whole GPU
-    (NCCL takes no two ranks on one device), each on its GPU; else the config's CPU ranks."""
-    if gpus < 1:
-        return []
-    return ["train.use_gpu=true", f"train.num_workers={int(gpus)}"]
+def device_placement(gpus: float) -> dict[str, Any]:
+    """Where the benchmark's student trains (train.* values): on a cluster with GPUs, one DDP rank
+    per whole GPU (NCCL takes no two ranks on one device), each on its GPU; else the config's CPU ranks."""
+    return {"use_gpu": True, "num_workers": int(gpus)} if gpus >= 1 else {}
 
 
 def student_throughput(workdir: str, repeats: int = 3, epochs: int = 4, overrides: list[str] = (),
@@ -133,9 +131,9 @@ def student_throughput(workdir: str, repeats: int = 3, epochs: int = 4, override
     cfg = _prepared(workdir, [f"train.epochs={epochs}", *overrides])
     runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
     named = {o.split("=", 1)[0].strip() for o in overrides}
-    placement = [o for o in device_overrides(runtime.cluster_cpus_gpus()[1]) if o.split("=", 1)[0] not in named]
-    if placement:  # the caller's own overrides win
-        cfg = _prepared(workdir, [f"train.epochs={epochs}", *placement, *overrides])
+    for key, value in device_placement(runtime.cluster_cpus_gpus()[1]).items():
+        if f"train.{key}" not in named:  # the caller's own overrides win
+            setattr(cfg.train, key, value)
     cfg = with_copies(cfg, copies)
     gen = generate.generate(cfg, progress=False)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in (*MODES, "paired")}

@@ -61,9 +61,10 @@ def test_student_benchmark_trains_on_the_gpus_where_there_are_some():
     The overrides must be real config keys with the values the trainer reads."""
     from kdpipe import bench_student, config
 
-    assert bench_student.device_overrides(0) == [] and bench_student.device_overrides(0.5) == []
+    assert bench_student.device_placement(0) == {} and bench_student.device_placement(0.5) == {}
     for gpus, workers in ((1, 1), (8.0, 8)):
-        cfg = config.load_config(None, bench_student.device_overrides(gpus))
+        placement = bench_student.device_placement(gpus)
+        cfg = config.load_config(None, [f"train.{k}={str(v).lower()}" for k, v in placement.items()])
         assert cfg.train.use_gpu is True and cfg.train.num_workers == workers
 
 
