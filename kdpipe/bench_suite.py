@@ -132,7 +132,7 @@ def run_all(workdir: str, size: float = 1.0, repeats: int = 2, parts: tuple[str,
     }
     unknown = sorted(set(parts) - set(steps))
     if unknown:
-        raise ValueError(f"benchmark parts {unknown}: use some of {', '.join(steps)} (P5 comes with p3)")
+        raise ValueError(f"benchmark parts {unknown} (--only): use some of {', '.join(steps)} (P5 comes with p3)")
     for part in parts:
         started = time.perf_counter()
         say(f"kdpipe bench all: {part} ...")

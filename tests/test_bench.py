@@ -109,3 +109,6 @@ def test_bench_all_goes_on_after_a_failed_part_and_keeps_what_it_measured(tmp_pa
     show = subprocess.run([sys.executable, "-m", "kdpipe.cli", "bench", "show", str(other)], capture_output=True,
                           text=True, timeout=60)
     assert show.returncode == 2 and f"{other}: not a `kdpipe bench all` result" in show.stderr
+    unknown = subprocess.run([sys.executable, "-m", "kdpipe.cli", "bench", "all", "--only", "p4,p5"],
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "benchmark parts ['p5'] (--only): use some of p1, p2" in unknown.stderr
