@@ -101,21 +101,20 @@ def decode(data: bytes) -> np.ndarray:
 
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 [H, W] or [H, W, C] -> PNG bytes (for tests, fixtures and the built-in data)."""
-    from PIL import Image
-
-    arr = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+    return _encode(image, "PNG")
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     """uint8 [H, W] or [H, W, C] -> JPEG bytes (ImageNet's format: the GPU benchmarks' inputs)."""
+    return _encode(image, "JPEG", quality=quality)
+
+
+def _encode(image: np.ndarray, image_format: str, **params: Any) -> bytes:
     from PIL import Image
 
     arr = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
+    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(buf, format=image_format, **params)
     return buf.getvalue()
 
 

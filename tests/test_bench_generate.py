@@ -33,8 +33,8 @@ def test_synthetic_inputs_read_back_as_rgb(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_inputs_made_in_parallel_processes_equal_those_made_in_one(tmp_path, monkeypatch):
-    """Large input sets are made by a process per core (at 224 px one image costs ~20 ms to make
-    and encode); each shard is seeded on its own, so the files are the same either way. JPEG too."""
+    """Large input sets are made by a process per core (at 224 px one image cost ~12 ms to make
+    and encode as PNG); each shard is seeded on its own, so the files are the same either way. JPEG too."""
     for image_format in ("png", "jpeg"):
         one, many = tmp_path / f"one-{image_format}", tmp_path / f"many-{image_format}"
         bg.write_inputs(str(one), rows=12, size=24, shards=3, image_format=image_format)
