@@ -30,11 +30,11 @@ class RayConfig:
 
 
 INPUT_FORMATS = ("parquet", "webdataset", "imagefolder")
-ENSEMBLES = ("mean", "sum")  # how teachers combine (kdpipe.losses)
+ENSEMBLES = ("mean", "sum")  # how teachers combine (kdpipe.training.losses)
 KINDS = ("kl", "soft_ce", "mse")  # distillation loss variants
 WEIGHTINGS = ("fixed", "confidence", "correctness")  # per-sample teacher weighting
 PREPROCESS_KEYS = ("image_shape", "resize", "scale", "mean", "std")
-PRECISIONS = ("auto", "fp32", "bf16")  # a teacher's compute precision (kdpipe.teachers.resolve_precision)
+PRECISIONS = ("auto", "fp32", "bf16")  # a teacher's compute precision (kdpipe.teachers.checkpoints.resolve_precision)
 
 
 @dataclass
@@ -113,7 +113,7 @@ AUGMENTS = ("none", "replay")
 class CacheConfig:
     root: str = ""  # "" = <workdir>/cache
     storage_options: dict[str, Any] = field(default_factory=dict)
-    inject_fault: str = ""  # test-only: a fault for generation to hit once (kdpipe.faults)
+    inject_fault: str = ""  # test-only: a fault for generation to hit once (kdpipe.testing.faults)
 
 
 @dataclass
@@ -185,7 +185,7 @@ def default_teachers() -> list[TeacherConfig]:
 
 def teacher_precision(t: TeacherConfig) -> str:
     """The precision a teacher's actors run at: `precision`, with auto resolved by where they run."""
-    from kdpipe.teachers import resolve_precision
+    from kdpipe.teachers.checkpoints import resolve_precision
 
     return resolve_precision(t.precision, t.num_gpus > 0)
 
@@ -198,7 +198,7 @@ def validate(cfg: Config) -> None:
     tr, data = cfg.train, cfg.data
     _validate_labels(cfg.labels, data.num_classes, "labels", bad)
     if cfg.cache.inject_fault:
-        from kdpipe import faults
+        from kdpipe.testing import faults
 
         try:
             faults.parse(cfg.cache.inject_fault)
@@ -328,7 +328,7 @@ def _validate_preprocess(p: dict[str, Any], prefix: str, bad) -> None:
 def preprocess_for(cfg: Config, teacher: str | None = None):
     """The images.Preprocess of `teacher` (data-level settings with its overrides) or, for
     teacher=None, of the student."""
-    from kdpipe.images import make_preprocess
+    from kdpipe.data.images import make_preprocess
 
     p = {k: getattr(cfg.data, k) for k in PREPROCESS_KEYS}
     for t in cfg.teachers:

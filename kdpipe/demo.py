@@ -19,9 +19,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kdpipe import datasets, digits, generate, plots, storage, teachers, train
+from kdpipe import storage
 from kdpipe.config import Config, TeacherConfig, preprocess_for
-from kdpipe.models import build_model
+from kdpipe.data import digits, inputs, readers
+from kdpipe.generation import generate
+from kdpipe.teachers import checkpoints
+from kdpipe.teachers.models import build_model
+from kdpipe.training import plots, trainer
 
 log = logging.getLogger("kdpipe")
 
@@ -89,19 +93,19 @@ def ensure_teachers(cfg: Config, progress: bool = True) -> list[str]:
             missing.append(t)
     if not missing:
         return trained
-    source = datasets.source_spec(d)
+    source = inputs.source_spec(d)
     splits: dict = {}  # teachers with the same preprocessing share the decoded arrays
     for t in missing:
         pre = preprocess_for(cfg, t.name)
         if pre not in splits:
-            splits[pre] = (datasets.load_split(d.train, source, pre)[1:], datasets.load_split(d.holdout, source, pre)[1:])
+            splits[pre] = (readers.load_split(d.train, source, pre)[1:], readers.load_split(d.holdout, source, pre)[1:])
         (x, y), (xh, yh) = splits[pre]
         if y is None or yh is None:
             raise ValueError(f"teacher {t.name!r}: training a teacher needs labels; data.label_column is null")
         model = fit_classifier(t.arch, x, y, d.num_classes, t.train_epochs, t.train_seed,
                                progress=f"teacher {t.name}" if progress else None, allow_import=cfg.allow_import)
         metrics = {"holdout_accuracy": accuracy(model, xh, yh), "train_rows": len(y), "holdout_rows": len(yh)}
-        teachers.save_checkpoint(model, t.checkpoint, cfg.cache.storage_options, t.arch, d.num_classes, metrics)
+        checkpoints.save_checkpoint(model, t.checkpoint, cfg.cache.storage_options, t.arch, d.num_classes, metrics)
         log.info("teacher %s: held-out accuracy %.4f -> %s", t.name, metrics["holdout_accuracy"], t.checkpoint)
         trained.append(t.name)
     return trained
@@ -115,8 +119,8 @@ def run_demo(cfg: Config, progress: bool = True) -> DemoResult:
         digits.ensure_builtin(d)
     trained = ensure_teachers(cfg, progress)
     report = generate.generate(cfg, progress=progress)
-    alone = train.train_student(cfg, distill=False)
-    distilled = train.train_student(cfg, distill=True)
+    alone = trainer.train_student(cfg, distill=False)
+    distilled = trainer.train_student(cfg, distill=True)
     teacher_acc = {name: float(r.metrics.get("holdout_accuracy", float("nan")))
                    for name, r in report.teachers.items()}
     figures = {"comparison": storage.join(cfg.train.storage_path, "demo-comparison.png"),

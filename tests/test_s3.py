@@ -10,7 +10,10 @@ import json
 import pytest
 import s3fs
 
-from kdpipe import cache, config, digits, generate, storage
+from kdpipe import config, storage
+from kdpipe.data import digits
+from kdpipe.generation import generate
+from kdpipe.labels import cache, upkeep
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -36,8 +39,8 @@ def test_generate_on_s3_reuses_units_and_keeps_secrets_out(s3_cfg, s3_server):
     assert again.teacher_forward_passes == 0
 
     fs, root = storage.filesystem(s3_cfg.cache.root, s3_cfg.cache.storage_options)
-    for entry in cache.list_caches(fs, root):
-        assert cache.verify_cache(fs, fs._strip_protocol(entry["directory"])) == []
+    for entry in upkeep.list_caches(fs, root):
+        assert upkeep.verify_cache(fs, fs._strip_protocol(entry["directory"])) == []
         manifest = fs.cat_file(storage.join(fs._strip_protocol(entry["directory"]), cache.MANIFEST)).decode()
         assert s3_server["secret"] not in manifest and s3_server["key"] not in manifest
 
@@ -83,14 +86,14 @@ def test_interrupted_upload_is_never_visible(s3_server):
 
 
 def test_stream_benchmark_reads_the_same_samples_from_both_sides(ray_cluster, s3_server, tmp_path):
-    from kdpipe import bench_stream
+    from kdpipe.bench import streaming
 
-    result = bench_stream.stream_throughput(str(tmp_path / "local"), f"s3://{s3_server['bucket']}/bench",
+    result = streaming.stream_throughput(str(tmp_path / "local"), f"s3://{s3_server['bucket']}/bench",
                                             s3_server["options"], copies=1, teachers=2, upsample=2, repeats=1)
     assert result["local"]["rows"] == result["remote"]["rows"] == 1797
     assert result["local"]["samples_per_s"] > 0 and result["remote"]["samples_per_s"] > 0
     assert result["ratio_remote_to_local"] == result["remote"]["samples_per_s"] / result["local"]["samples_per_s"]
-    assert "1797 samples (16x16 PNG in Parquet)" in bench_stream.format_stream(result)
+    assert "1797 samples (16x16 PNG in Parquet)" in streaming.format_stream(result)
 
 
 def test_cache_commands_with_credentials_from_environment_and_profile(s3_cfg, s3_server, tmp_path):

@@ -1,0 +1,1 @@
+"""The benchmarks (`kdpipe bench ...`): figures measured side by side in one run."""

@@ -1,0 +1,1 @@
+"""Inputs: the formats, input shards and fingerprints, decoding, the built-in digits."""

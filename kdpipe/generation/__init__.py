@@ -1,0 +1,1 @@
+"""Generation: plan, the Ray Data pipeline, unit commits, regeneration."""

@@ -1,0 +1,200 @@
+""""""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from kdpipe import __version__, storage
+from kdpipe.labels import codec, softlabels
+
+MANIFEST = "_manifest.json"
+
+
+def label_settings(temperature: float, mode: str, dtype: str, fmt: str, num_classes: int,
+                   class_names: list[str], k: int | None = None,
+                   augment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that changes the stored labels of a given teacher on given inputs. `augment`
+    ({views, seed, crop_scale, flip}, views > 0) adds the augmented views' labels."""
+    settings = {"schema_version": softlabels.SCHEMA_VERSION, "temperature": float(temperature), "mode": mode,
+                "dtype": dtype, "format": fmt, "num_classes": int(num_classes),
+                "class_names": list(class_names)}
+    if mode == "topk":
+        settings["k"] = int(k)
+    if augment and augment["views"] > 0:
+        settings["augment"] = {"views": int(augment["views"]), "seed": int(augment["seed"]),
+                               "crop_scale": [float(v) for v in augment["crop_scale"]],
+                               "flip": bool(augment["flip"])}
+    return settings
+
+
+def settings_from_config(cfg, teacher: str) -> dict[str, Any]:
+    """label_settings() of `teacher` in a kdpipe Config (class names default to "0".."C-1")."""
+    from kdpipe.config import labels_for
+
+    lab, data = labels_for(cfg, teacher), cfg.data
+    names = data.class_names or [str(i) for i in range(data.num_classes)]
+    augment = {"views": lab.views, "seed": lab.view_seed, "crop_scale": lab.crop_scale, "flip": lab.flip}
+    return label_settings(lab.temperature, lab.mode, lab.dtype, lab.format, data.num_classes, names, lab.k, augment)
+
+
+EXACTNESS = {
+    "full": "exact: every logit is stored, so softmax(z/T') is exact (up to the dtype) at any T'",
+    "topk": "exact at the generation T: the top-k probabilities and the tail mass; at another T' the "
+            "ratios between stored classes stay exact and the tail is approximated by its maximum-"
+            "entropy completion (softlabels.retemper_topk)",
+}
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def keys_digest(keys: list[str] | np.ndarray) -> str:
+    """Order-independent digest of a set of sample keys."""
+    return hashlib.sha256("\n".join(sorted(map(str, keys))).encode()).hexdigest()
+
+
+def unit_dir(root: str, teacher: str, digest: str, fingerprint: str, label_hash: str) -> str:
+    return storage.join(root, "teachers", teacher, digest, f"{fingerprint}-{label_hash}")
+
+
+def part_name(shard_id: str, fmt: str = "parquet", sha256: str = "") -> str:
+    """part-<shard id>-<first 12 hex of the content's sha256>.<ext>: the same labels give the same
+    name, and two writers racing on one unit with different bytes (float kernels are not
+    bit-stable across batch sizes) write different files, so whichever record lands last names
+    a complete part of its own and nothing is ever half one writer's, half the other's."""
+    suffix = f"-{sha256[:12]}" if sha256 else ""
+    return f"part-{shard_id}{suffix}.{codec.EXTENSIONS[fmt]}"
+
+
+def unit_record_path(directory: str, shard_id: str) -> str:
+    return storage.join(directory, "_units", f"{shard_id}.json")
+
+
+def unit_part_path(directory: str, record: dict[str, Any]) -> str:
+    """Where a unit's part file lives: a unit may be committed in a sibling directory (same
+    teacher digest and label settings, another dataset version) and referenced from here."""
+    parent, _, own = directory.rstrip("/").rpartition("/")
+    return storage.join(parent, record.get("dir") or own, record["part"])
+
+
+def find_reusable_units(fs, directory: str, shard_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Committed units for `shard_ids` in sibling directories with the same label settings.
+
+    Lists the teacher digest's directory to find siblings (a discovery step), then trusts only
+    their unit records. Returns {shard_id: record pointing at the sibling's part file}."""
+    if not shard_ids:
+        return {}
+    parent, _, own = directory.rstrip("/").rpartition("/")
+    label_hash = own.rpartition("-")[2]
+    siblings = sorted(p.rstrip("/").rpartition("/")[2] for p in fs.ls(parent, detail=False)) if fs.exists(parent) else []
+    siblings = [s for s in siblings if s != own and s.endswith(f"-{label_hash}")]
+    found: dict[str, dict[str, Any]] = {}
+    for sid in shard_ids:
+        for sibling in siblings:
+            record = read_unit(fs, storage.join(parent, sibling), sid)
+            if record is not None:
+                found[sid] = {**record, "dir": record.get("dir") or sibling}
+                break
+    return found
+
+
+def read_unit(fs, directory: str, shard_id: str) -> dict[str, Any] | None:
+    path = unit_record_path(directory, shard_id)
+    return storage.read_json(fs, path) if fs.exists(path) else None
+
+
+def write_unit(fs, directory: str, shard: dict[str, Any], data: bytes, fmt: str, keys: list[str],
+               quality: dict[str, Any], skipped: list[dict[str, str]] = ()) -> dict[str, Any]:
+    """Commit one unit: the part file (`data`, encoded by codec.encode_unit), then its record.
+    `skipped`: the input samples dropped under on_bad_sample=skip, [{"key", "reason"}]."""
+    digest = storage.sha256_bytes(data)
+    name = part_name(shard["shard_id"], fmt, digest)
+    storage.write_bytes(fs, storage.join(directory, name), data)
+    record = {
+        "shard_id": shard["shard_id"],
+        "input_uri": shard["uri"],
+        "input_token": shard["token"],
+        "part": name,
+        "dir": directory.rstrip("/").rpartition("/")[2],
+        "rows": len(keys),
+        "keys_sha256": keys_digest(keys),
+        "sha256": digest,
+        "bytes": len(data),
+        "quality": quality,
+        "skipped": list(skipped),
+        "committed_at": time.time(),
+    }
+    storage.write_json(fs, unit_record_path(directory, shard["shard_id"]), record)
+    return record
+
+
+def build_manifest(teacher: dict[str, Any], fingerprint: str, dataset_uri: str,
+                   settings: dict[str, Any], units: list[dict[str, Any]]) -> dict[str, Any]:
+    units = sorted(units, key=lambda u: u["shard_id"])
+    return {
+        "schema_version": softlabels.SCHEMA_VERSION,
+        "kdpipe_version": __version__,
+        "teacher": teacher,
+        "dataset": {"uri": dataset_uri, "fingerprint": fingerprint},
+        "labels": settings,
+        "exactness": EXACTNESS[settings["mode"]],
+        "units": [{k: u[k] for k in ("shard_id", "dir", "part", "rows", "keys_sha256", "sha256", "bytes")}
+                  for u in units],
+        "rows": sum(u["rows"] for u in units),
+        # Samples dropped under data.on_bad_sample=skip, with the reason: never silent.
+        "skipped": [{"shard_id": u["shard_id"], "input_uri": u.get("input_uri"), **s}
+                    for u in units for s in u.get("skipped", [])],
+        "quality": softlabels.summarize_quality([u["quality"] for u in units if u["rows"]]),
+        "created_at": time.time(),
+    }
+
+
+def read_manifest(fs, directory: str) -> dict[str, Any] | None:
+    path = storage.join(directory, MANIFEST)
+    if not fs.exists(path):
+        return None
+    manifest = storage.read_json(fs, path)
+    version = manifest.get("schema_version")
+    if version != softlabels.SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}: schema version {version!r} is not supported by kdpipe {__version__} "
+            f"(reads version {softlabels.SCHEMA_VERSION}); regenerate these labels or upgrade kdpipe"
+        )
+    return manifest
+
+
+def write_ref(fs, root: str, teacher: str, ref: dict[str, Any]) -> None:
+    storage.write_json(fs, storage.join(root, "refs", f"{teacher}.json"), ref)
+
+
+def read_ref(fs, root: str, teacher: str) -> dict[str, Any] | None:
+    path = storage.join(root, "refs", f"{teacher}.json")
+    return storage.read_json(fs, path) if fs.exists(path) else None
+
+
+def resolve_manifest(fs, root: str, spec: str, fingerprint: str, label_hash: str) -> tuple[str, dict[str, Any]]:
+    """Find the committed labels for `teacher` (its latest ref) or `teacher@digest` (pinned)
+    on the dataset `fingerprint`. Returns (unit directory, manifest); errors say what to run."""
+    name, _, digest = spec.partition("@")
+    if not digest:
+        ref = read_ref(fs, root, name)
+        if ref is None:
+            raise FileNotFoundError(
+                f"teacher {name!r} has no labels in cache {root!r} (no refs/{name}.json): "
+                "run `kdpipe generate` first"
+            )
+        digest = ref["digest"]
+    directory = unit_dir(root, name, digest, fingerprint, label_hash)
+    manifest = read_manifest(fs, directory)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"no committed labels for {spec!r} (digest {digest}) on this dataset and label settings: "
+            f"{storage.join(directory, MANIFEST)} is missing; run `kdpipe generate` with the same data and labels config"
+        )
+    return directory, manifest

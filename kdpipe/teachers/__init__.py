@@ -1,0 +1,1 @@
+"""Teachers: model building, checkpoints and digests, the Ray Data batch predictor."""

@@ -1,0 +1,1 @@
+"""Training: losses, the join of inputs with labels, the loop, the trainer, export, plots."""

@@ -1,0 +1,58 @@
+"""Stored soft labels: sorted, exact at float32, within float16 tolerance, probabilities sum to 1."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from kdpipe.labels import codec, softlabels
+
+
+def test_softmax_matches_direct_formula_and_sums_to_one():
+    z = np.random.default_rng(0).normal(size=(50, 10)) * 5
+    for T in (1.0, 4.0):
+        p = softlabels.softmax(z, T)
+        e = np.exp(z / T)
+        assert np.allclose(p, e / e.sum(-1, keepdims=True))
+        assert np.allclose(p.sum(-1), 1.0)
+
+
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-6), ("float16", 2e-3)])
+def test_unit_roundtrip_keeps_soft_labels(dtype, atol):
+    rng = np.random.default_rng(1)
+    keys = [f"k{i:03d}" for i in rng.permutation(40)]
+    z = rng.normal(size=(40, 10)).astype(np.float32) * 4
+    table = codec.labels_table(keys, z, dtype)
+    back = pq.read_table(io.BytesIO(codec.parquet_bytes(table, 16)))
+    assert back.schema.field(softlabels.LOGITS).type.list_size == 10  # fixed-size list
+    stored_keys = back.column(softlabels.KEY).to_pylist()
+    assert stored_keys == sorted(keys)
+    order = np.argsort(keys)
+    p_stored = softlabels.softmax(codec.table_logits(back), 4.0)
+    assert np.allclose(p_stored, softlabels.softmax(z[order], 4.0), atol=atol)
+    assert np.allclose(p_stored.sum(-1), 1.0)
+
+
+def test_unit_bytes_are_deterministic():
+    z = np.arange(30, dtype=np.float32).reshape(3, 10)
+    a = codec.parquet_bytes(codec.labels_table(["b", "a", "c"], z, "float16"), 1024)
+    b = codec.parquet_bytes(codec.labels_table(["b", "a", "c"], z, "float16"), 1024)
+    assert a == b
+
+
+def test_non_finite_teacher_output_is_refused_naming_the_sample():
+    z = np.zeros((3, 4), dtype=np.float32)
+    z[2, 1] = np.nan
+    with pytest.raises(ValueError, match="'s2'"):
+        softlabels.check_finite(z, ["s0", "s1", "s2"], "teacher 't'")
+
+
+def test_quality_figures():
+    z = np.array([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
+    q = softlabels.summarize_quality([softlabels.quality(z, 1.0, np.array([0, 1, 1]))])
+    assert q["rows"] == 3
+    assert q["teacher_accuracy"] == pytest.approx(2 / 3)
+    assert 0 < q["mean_entropy"] < np.log(2)
