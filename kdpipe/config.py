@@ -16,11 +16,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from kdpipe.errors import ConfigError
 from kdpipe.storage import join
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it and says what to do."""
 
 
 @dataclass
@@ -432,6 +429,22 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         node[int(last)] = value
     else:
         node[last] = value
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration flag (`regenerate --every`, `cache gc --older-than`): a number of
+    seconds ('90'), or numbers with units s, m, h, d, w, alone or combined ('15m', '1h30m', '2w')."""
+    body = str(text).strip().replace(" ", "")
+    if re.fullmatch(r"\d+(?:\.\d+)?", body):
+        return float(body)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw])", body)
+    if not parts or "".join(n + u for n, u in parts) != body:
+        raise ConfigError(f"duration {text!r}: use seconds or a number with s, m, h, d or w "
+                          "(e.g. 90, 30m, 6h, 7d, 1h30m)")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from kdpipe.errors import StorageDenied
+
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a URI such as file:///x, s3://b/k, memory://m or /x."""
@@ -23,9 +25,9 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple
     return fs, path
 
 
-def access_denied(uri: str, error: Exception) -> PermissionError:
-    """A PermissionError that names the URI and what to check (never the credentials)."""
-    return PermissionError(f"access to {uri!r} was denied ({error}): check the storage credentials "
+def access_denied(uri: str, error: Exception) -> StorageDenied:
+    """An error (a PermissionError) that names the URI and what to check (never the credentials)."""
+    return StorageDenied(f"access to {uri!r} was denied ({error}): check the storage credentials "
                            "(environment, profile or storage_options) and the endpoint")
 
 
@@ -47,11 +49,6 @@ def missing_credentials(error: BaseException) -> bool:
 NO_CREDENTIALS_HINT = ("no storage credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                        "(or AWS_PROFILE), GOOGLE_APPLICATION_CREDENTIALS for gs://, or the storage_options of "
                        "the config (data.storage_options, cache.storage_options)")
-
-
-class StorageUnreachable(ConnectionError):
-    """The store did not answer (after the client's own bounded retries); the message names the
-    URI and what was being written, and says to rerun."""
 
 
 def unreachable(error: BaseException) -> bool:

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from kdpipe import config, runtime, storage
+from kdpipe.bench.stats import summary
 from kdpipe.data import inputs, readers
 from kdpipe.generation import generate, planning
 from kdpipe.teachers.predictor import TeacherPredictor, logits_column, mask_column
@@ -173,9 +174,6 @@ def prepare(workdir: str, name: str, rows: int, size: int, shards: int, teachers
     return config.resolve_paths(cfg)
 
 
-def _summary(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "each": values}
-
 
 def _order(sides: list[str], r: int) -> list[str]:
     """The sides in round r's order: rotated each round, so none always runs first."""
@@ -189,30 +187,28 @@ def _order(sides: list[str], r: int) -> list[str]:
 def _inputs(cfg: config.Config) -> tuple[dict[str, Any], list[inputs.InputShard], dict[str, dict[str, Any]]]:
     source = inputs.source_spec(cfg.data, check_holdout=False)
     shards = inputs.list_shards(cfg.data.train, source)
-    views = {p.view(): p.geometry() for p in (config.preprocess_for(cfg, t.name) for t in cfg.teachers)}
-    return source, shards, views
+    geometries = {p.pixels_column(): p.geometry() for p in (config.preprocess_for(cfg, t.name) for t in cfg.teachers)}
+    return source, shards, geometries
 
 
 def preprocessed(cfg: config.Config):
-    """Generation's read step (readers.read_views, one task per input shard) materialised in
-    Ray's object store: the labelling stage's input, uint8 views."""
-    import ray.data
+    """Generation's read step (readers.read_teacher_inputs, one task per input shard) materialised in
+    Ray's object store: the labelling stage's input, uint8 pixel columns."""
 
-    source, shards, views = _inputs(cfg)
-    ds = ray.data.from_items([{"shard_id": s.shard_id} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(readers.read_views, batch_size=1, num_cpus=cfg.data.decode_cpus or runtime.READ_TASK_CPUS,
-                        fn_kwargs={"source": source, "shards": {s.shard_id: s for s in shards}, "views": views})
+    source, shards, geometries = _inputs(cfg)
+    ds = readers.shard_dataset(shards, readers.read_teacher_inputs, cfg.data.decode_cpus, source=source,
+                               geometries=geometries)
     return ds.materialize()
 
 
-def local_views(cfg: config.Config, teacher: str) -> tuple[list[str], np.ndarray]:
+def local_pixels(cfg: config.Config, teacher: str) -> tuple[list[str], np.ndarray]:
     """The same uint8 view, read in this process: (keys, x [N, C, H, W])."""
-    source, shards, views = _inputs(cfg)
-    view = config.preprocess_for(cfg, teacher).view()
+    source, shards, geometries = _inputs(cfg)
+    view = config.preprocess_for(cfg, teacher).pixels_column()
     keys, xs = [], []
     for s in shards:
-        rows = readers.read_views({"shard_id": np.asarray([s.shard_id], dtype=object)}, source,
-                                   {s.shard_id: s}, {view: views[view]})
+        rows = readers.read_teacher_inputs({"shard_id": np.asarray([s.shard_id], dtype=object)}, source,
+                                   {s.shard_id: s}, {view: geometries[view]})
         keys += list(rows["sample_key"])
         xs.append(rows[view])
     return keys, np.concatenate(xs)
@@ -287,8 +283,8 @@ def label_stage(mat, cfg: config.Config, teacher: str, plan: runtime.ActorPlan,
         fn_constructor_kwargs={
             "name": t.name, "arch": t.arch, "checkpoint": t.checkpoint,
             "storage_options": cfg.cache.storage_options, "num_classes": cfg.data.num_classes,
-            "preprocess": pre, "view": pre.view(), "shard_ids": None, "num_threads": plan.threads,
-            "allow_import": cfg.allow_import, "precision": config.teacher_precision(t), "drop": [pre.view()],
+            "preprocess": pre, "column": pre.pixels_column(), "shard_ids": None, "num_threads": plan.threads,
+            "allow_import": cfg.allow_import, "precision": config.teacher_precision(t), "drop": [pre.pixels_column()],
         },
         batch_size=t.batch_size,
         compute=ray.data.ActorPoolStrategy(size=plan.pool_size),
@@ -339,11 +335,11 @@ def _max_diff(keys_a: list[str], a: np.ndarray, keys_b: list[str], b: np.ndarray
     return float(np.abs(a - b[idx]).max()) if len(idx) else 0.0
 
 
-READ_TASK = "MapBatches(read_views)"  # Ray Data's name for generation's read tasks
+READ_TASK = "MapBatches(read_teacher_inputs)"  # Ray Data's name for generation's read tasks
 
 
 def read_tasks(windows: list[tuple[float, float]], at_least: int = 0, wait_s: float = 15.0) -> list[int] | None:
-    """Per (since, until) wall-clock window, the read tasks (readers.read_views calls, one input
+    """Per (since, until) wall-clock window, the read tasks (readers.read_teacher_inputs calls, one input
     shard each, retries included) created in it, from Ray's state API. Task events reach the API
     a second or so late: wait (up to `wait_s`) for `at_least` in all and two equal counts in a
     row. None where the API cannot be reached (no dashboard)."""
@@ -387,7 +383,7 @@ def generation_throughput(workdir: str, size: float = 1, repeats: int = 3, arch:
     # Warm-up: Ray started, read workers up (the materialising pass), the driver's imports, the
     # plain model's first batches. Actor start-up is not warmed: every execution starts its pool.
     mat = preprocessed(cfg)
-    keys, x = local_views(cfg, arch)
+    keys, x = local_pixels(cfg, arch)
     runner = load_model(cfg, arch)
     plain_loop(runner, x[:2 * batch_size], batch_size)
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "stage": [], "generate": []}
@@ -414,15 +410,15 @@ def generation_throughput(workdir: str, size: float = 1, repeats: int = 3, arch:
         # the same teacher on both sides: its logits by sample key, last round
         "max_abs_logit_diff": _max_diff(last["stage"]["keys"], last["stage"]["logits"], keys, last["plain"])}
     for side, values in runs.items():
-        out[side] = {"rows": [v["rows"] for v in values], "seconds": _summary([v["seconds"] for v in values]),
-                     "samples_per_s": _summary([v["rows"] / v["seconds"] for v in values])}
+        out[side] = {"rows": [v["rows"] for v in values], "seconds": summary([v["seconds"] for v in values]),
+                     "samples_per_s": summary([v["rows"] / v["seconds"] for v in values])}
     stage = runs["stage"]
     for key in ("startup_s", "process_s", "load_s", "busy"):  # busy: share of the span the actors labelled
-        out["stage"][key] = _summary([v[key] for v in stage])
+        out["stage"][key] = summary([v[key] for v in stage])
     # generate()'s fixed cost: its wall time less its rows at the stage's labelling rate (same round)
-    out["generate"]["fixed_s"] = _summary([g["seconds"] - g["rows"] * st["labelling_s"] / st["rows"]
+    out["generate"]["fixed_s"] = summary([g["seconds"] - g["rows"] * st["labelling_s"] / st["rows"]
                                            for g, st in zip(runs["generate"], stage, strict=True)])
-    out["stage"]["labelling_samples_per_s"] = _summary([v["rows"] / v["labelling_s"] for v in stage])
+    out["stage"]["labelling_samples_per_s"] = summary([v["rows"] / v["labelling_s"] for v in stage])
     out["generate"]["units"] = [v["units"] for v in runs["generate"]]
     plain = [v["rows"] / v["seconds"] for v in runs["plain"]]
     figures = {"labelling": [v["rows"] / v["labelling_s"] for v in stage],
@@ -520,10 +516,10 @@ def multi_teacher_pass(workdir: str, size: float = 1, repeats: int = 2, teachers
                            "plans": {side: [{"actors": p.pool_size, "num_cpus": p.num_cpus, "threads": p.threads}
                                             for p in ps] for side, ps in plans.items()}}
     for side, values in runs.items():
-        out[side] = {"seconds": _summary([v["seconds"] for v in values]),
+        out[side] = {"seconds": summary([v["seconds"] for v in values]),
                      "labelled": [v["labelled"] for v in values], "units": [v["units"] for v in values],
                      "read_tasks": [v["read_tasks"] for v in values]}
-    out["separate"]["per_teacher_seconds"] = {name: _summary([v["per_teacher"][name] for v in runs["separate"]])
+    out["separate"]["per_teacher_seconds"] = {name: summary([v["per_teacher"][name] for v in runs["separate"]])
                                               for name in teachers}
     out["one_over_separate"] = out["one_pass"]["seconds"]["median"] / out["separate"]["seconds"]["median"]
     out["one_over_separate_each"] = [a["seconds"] / b["seconds"]
@@ -595,13 +591,13 @@ def actor_scaling(workdir: str, size: float = 1, repeats: int = 2, arch: str | N
                            "batch_size": batch_size, "repeats": repeats, "cluster_cpus": cpus, "runs": []}
     base = None
     for n, values in runs.items():
-        rate = _summary([v["rows"] / v["labelling_s"] for v in values])
+        rate = summary([v["rows"] / v["labelling_s"] for v in values])
         base = base or rate["median"]
         plan = actor_plan_for(n)
         out["runs"].append({"actors": n, "num_cpus": plan.num_cpus, "threads": plan.threads,
                             "rows": [v["rows"] for v in values], "samples_per_s": rate,
-                            "wall_samples_per_s": _summary([v["rows"] / v["seconds"] for v in values]),
-                            "startup_s": _summary([v["startup_s"] for v in values]),
+                            "wall_samples_per_s": summary([v["rows"] / v["seconds"] for v in values]),
+                            "startup_s": summary([v["startup_s"] for v in values]),
                             "speedup": rate["median"] / base, "efficiency": rate["median"] / base / n})
     return out
 

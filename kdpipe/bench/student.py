@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 from kdpipe import config, runtime, storage
+from kdpipe.bench.stats import summary
 from kdpipe.data import digits
 from kdpipe.demo import ensure_teachers
 from kdpipe.generation import generate
@@ -116,9 +117,6 @@ def _fit(cfg: config.Config, mode: str, run: str) -> dict[str, Any]:
     return out
 
 
-def _summary(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "each": values}
-
 
 def device_placement(gpus: float) -> dict[str, Any]:
     """Where the benchmark's student trains (train.* values): on a cluster with GPUs, one DDP rank
@@ -155,17 +153,17 @@ def student_throughput(workdir: str, repeats: int = 3, epochs: int = 4, override
                            "batch_size_per_worker": cfg.train.batch_size, "rows": gen.teachers[cfg.teachers[0].name].quality["rows"],
                            "teacher_forward_passes_for_cache": gen.teacher_forward_passes}
     for mode in MODES:
-        out[mode] = _summary([r["samples_per_s"] for r in runs[mode]])
+        out[mode] = summary([r["samples_per_s"] for r in runs[mode]])
         # P5 from the same runs: call to first optimiser step (cache lookup, join, worker start-up)
-        out[mode]["seconds_to_first_step"] = _summary([r["seconds_to_first_step"] for r in runs[mode]])
+        out[mode]["seconds_to_first_step"] = summary([r["seconds_to_first_step"] for r in runs[mode]])
     out["cached_over_plain_separate"] = out["cached"]["median"] / out["plain"]["median"]
     out["cached_over_plain_separate_each"] = [c["samples_per_s"] / p["samples_per_s"]
                                               for c, p in zip(runs["cached"], runs["plain"], strict=True)]
     paired = runs["paired"]
-    out["paired"] = {"cached": _summary([r["samples_per_s"] for r in paired]),
-                     "plain": _summary([r["plain_samples_per_s"] for r in paired]),
-                     "ratio": _summary([r["ratio"] for r in paired]),
-                     "epoch_ratio": _summary([v for r in paired for v in r["epoch_ratios"]])}
+    out["paired"] = {"cached": summary([r["samples_per_s"] for r in paired]),
+                     "plain": summary([r["plain_samples_per_s"] for r in paired]),
+                     "ratio": summary([r["ratio"] for r in paired]),
+                     "epoch_ratio": summary([v for r in paired for v in r["epoch_ratios"]])}
     out["cached_over_plain"] = out["paired"]["ratio"]["median"]  # the scored figure (see the module's doc)
     out["cached_over_online"] = out["cached"]["median"] / out["online"]["median"]
     return out

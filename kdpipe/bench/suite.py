@@ -17,18 +17,14 @@ from __future__ import annotations
 import copy
 import json
 import platform
-import statistics
 import time
 import traceback
 from typing import Any
 
 from kdpipe import config, runtime, storage
+from kdpipe.bench.stats import summary
 from kdpipe.generation import generate, regenerate
 from kdpipe.teachers import checkpoints
-
-
-def _summary(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "each": values}
 
 
 def regeneration_cost(workdir: str, repeats: int = 2, size: float = 1.0, teachers: dict[str, str] | None = None,
@@ -76,7 +72,7 @@ def regeneration_cost(workdir: str, repeats: int = 2, size: float = 1.0, teacher
             regen_work.append(result["teacher_forward_passes"])
     out = {"repeats": repeats, "rows": rows, "size": size, "image": [3, image_size, image_size],
            "teachers": list(teachers.values()), "changed": changed.arch,
-           "full_seconds": _summary(full_s), "regenerate_seconds": _summary(regen_s),
+           "full_seconds": summary(full_s), "regenerate_seconds": summary(regen_s),
            "full_forward_passes": full_work[-1], "regenerate_forward_passes": regen_work[-1]}
     out["work_ratio"] = out["regenerate_forward_passes"] / out["full_forward_passes"]
     out["time_ratio"] = out["regenerate_seconds"]["median"] / out["full_seconds"]["median"]

@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from kdpipe import __version__
-from kdpipe.config import Config, ConfigError, load_config, resolve_paths
+from kdpipe.config import Config, ConfigError, load_config, parse_duration, resolve_paths
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool) -> None:
@@ -392,7 +392,7 @@ def _regenerate(args: argparse.Namespace, cfg: Config, progress: bool) -> int:
                             + (f", {result['teacher_forward_passes']} teacher forward passes" if "generate" in result
                                else "") + ")")
         return 0
-    every = regenerate.parse_duration(args.every)
+    every = parse_duration(args.every)
     results = regenerate.run_every(lambda: _config(args), every, args.cycles, args.dry_run, progress, say)
     _emit(args, {"cycles": results}, "\n".join(f"cycle {r['cycle']}: {r['status']}" for r in results))
     return 1 if any(r["status"] == "failed" for r in results) else 0

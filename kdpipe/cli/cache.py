@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 from kdpipe import storage
-from kdpipe.config import Config
+from kdpipe.config import Config, parse_duration
 from kdpipe.labels import cache, upkeep
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '15m', '12h', '7d', '2w' (or plain seconds) -> seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
-    if not m:
-        raise ValueError(f"duration {text!r} is not like 30m, 12h or 7d")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
 def _size(n: float) -> str:

@@ -3,12 +3,13 @@ normalisation (done by the consumer, on its device).
 
 Preprocessing is split in two so that teachers can share work and transfers stay small:
   * geometry (channels, resize, centre crop) runs in the read task on uint8 pixels; teachers
-    that ask for the same geometry share one uint8 column (a "view"), and every view is cut
+    that ask for the same geometry share one uint8 pixel column, and every column is cut
     from one decode of each image;
   * normalisation (x * scale - mean) / std runs inside the teacher actor or the student loop,
     so what travels through Ray's object store is uint8, a quarter of float32.
 
-Images inside this module are numpy uint8 arrays [H, W, C]. Views are [N, C, H, W].
+Images inside this module are numpy uint8 arrays [H, W, C]; pixel columns are [N, C, H, W].
+A "view" is only ever an augmented view (labels.views): a random resized crop of a sample.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Preprocess:
         resize = list(self.resize) if isinstance(self.resize, (tuple, list)) else self.resize
         return {"channels": int(self.image_shape[0]), "resize": resize, "size": [int(s) for s in self.image_shape[1:]]}
 
-    def view(self) -> str:
+    def pixels_column(self) -> str:
         """The column name of this geometry's uint8 view; equal geometries share it."""
         body = json.dumps(self.geometry(), sort_keys=True).encode()
         return "x_" + hashlib.sha256(body).hexdigest()[:10]

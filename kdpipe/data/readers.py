@@ -263,13 +263,13 @@ def load_split(uri: str, source: dict[str, Any], preprocess: images.Preprocess, 
             break
         s = read_samples(shard, source)
         keys += s.keys
-        xs.append(preprocess.normalise(apply_view(s, preprocess.geometry(), shard)))
+        xs.append(preprocess.normalise(cut_geometry(s, preprocess.geometry(), shard)))
         if s.labels is not None:
             ys.append(s.labels)
     return keys, np.concatenate(xs), (np.concatenate(ys) if ys else None)
 
 
-def apply_view(samples: Samples, geometry: dict[str, Any], shard: InputShard) -> np.ndarray:
+def cut_geometry(samples: Samples, geometry: dict[str, Any], shard: InputShard) -> np.ndarray:
     """images.apply_geometry with errors that name the shard."""
     try:
         return images.apply_geometry(samples.images, geometry)
@@ -295,11 +295,11 @@ def sample_params(keys: list[str], augment: dict[str, Any]) -> np.ndarray:
                      for k in keys])
 
 
-def read_views(batch: dict[str, np.ndarray], source: dict[str, Any], shards: dict[str, InputShard],
-               views: dict[str, dict[str, Any]], augment: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+def read_teacher_inputs(batch: dict[str, np.ndarray], source: dict[str, Any], shards: dict[str, InputShard],
+               geometries: dict[str, dict[str, Any]], augment: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Generation's read step: one input shard -> rows with sample_key, shard_id, shard_rows,
     skipped (the shard's skip list as JSON on its first row), placeholder, label (when labelled)
-    and one uint8 [N, C, H, W] column per distinct teacher geometry (`views`), all cut from a
+    and one uint8 [N, C, H, W] column per distinct teacher geometry (`geometries`), all cut from a
     single decode of each image. A shard with no usable samples gives one placeholder row so the
     driver still learns that it is done.
 
@@ -311,12 +311,12 @@ def read_views(batch: dict[str, np.ndarray], source: dict[str, Any], shards: dic
     s = read_samples(shard, source)
     n = len(s.keys)
     keys = list(s.keys)
-    cut = {name: apply_view(s, geometry, shard) for name, geometry in views.items()}
+    cut = {name: cut_geometry(s, geometry, shard) for name, geometry in geometries.items()}
     labels_ = s.labels
     if augment:
         v = int(augment["views"])
         params = sample_params(keys, augment)  # [N, V, 5]
-        for name, geometry in views.items():
+        for name, geometry in geometries.items():
             extra = images.augmented(s.images, params, geometry)  # [N, V, C, H, W]
             cut[name] = np.concatenate([cut[name], extra.reshape(n * v, *extra.shape[2:])])
         aug = np.concatenate([np.zeros((n, 5), np.float32), params.reshape(n * v, 5)])
@@ -337,7 +337,7 @@ def read_views(batch: dict[str, np.ndarray], source: dict[str, Any], shards: dic
     if n == 0:
         out = {"sample_key": np.asarray([""], dtype=object), "shard_id": np.asarray([shard.shard_id], dtype=object),
                "shard_rows": np.zeros(1, np.int64), PLACEHOLDER: np.ones(1, bool)}
-        for name, g in views.items():
+        for name, g in geometries.items():
             out[name] = np.zeros((1, g["channels"], *g["size"]), np.uint8)
         if source["label_column"] is not None:
             out["label"] = np.zeros(1, np.int64)
@@ -348,3 +348,18 @@ def read_views(batch: dict[str, np.ndarray], source: dict[str, Any], shards: dic
         skipped[0] = json.dumps(s.skipped)
     out["skipped"] = skipped
     return out
+
+
+def shard_dataset(shards: list[InputShard], read, decode_cpus: float | None = None, **kwargs: Any):
+    """The one read step of generation, training and the benchmarks: a Ray Dataset with one read
+    task per input shard, in the order of `shards`. Each task calls `read(batch, shards=...,
+    **kwargs)` with a one-row batch naming its shard, and `decode_cpus` CPUs (default
+    runtime.READ_TASK_CPUS): fractional, so read tasks never take every CPU of a small machine."""
+    import ray.data
+
+    from kdpipe import runtime
+
+    items = [{"shard_id": s.shard_id} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map_batches(read, batch_size=1, num_cpus=decode_cpus or runtime.READ_TASK_CPUS,
+                          fn_kwargs={"shards": {s.shard_id: s for s in shards}, **kwargs})

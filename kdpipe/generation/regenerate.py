@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import time
 import uuid
@@ -215,17 +214,6 @@ def regenerate(cfg: Config, dry_run: bool = False, progress: bool = True, lease_
         lease.release()
     return {**out, "status": "done", "generate": report.to_dict(),
             "teacher_forward_passes": report.teacher_forward_passes, "seconds": round(time.time() - started, 2)}
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '15m', '6h', '1d', or combinations like '1h30m' -> seconds."""
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
-    if not parts or "".join(a + b for a, b in parts) != text.strip():
-        raise ValueError(f"duration {text!r}: use a number with s, m, h or d (e.g. 30m, 6h, 1d, 1h30m)")
-    return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
 def run_every(load: Callable[[], Config], every_s: float, cycles: int = 0, dry_run: bool = False,

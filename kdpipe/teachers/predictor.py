@@ -54,16 +54,16 @@ class TeacherRunner:
 class TeacherPredictor:
     """Ray Data actor: adds `logits__<name>` [B, C] float32 and `labelled__<name>` [B] bool.
 
-    Reads its input from the uint8 column `view` (its preprocessing geometry, shared with the
+    Reads its input from the uint8 column `column` (the pixels of its preprocessing geometry, shared with the
     teachers that use the same) and normalises it on its own device. Only rows whose `shard_id`
     is in `shard_ids` run through the teacher (others, and placeholder rows, get zeros and
     labelled=False), so one pass over the inputs serves teachers that miss different shards.
-    The columns in `drop` (the image views no later teacher reads) are left out of its output:
+    The columns in `drop` (the pixel columns no later teacher reads) are left out of its output:
     images cross the object store into the teachers, and only labels come out of the last one.
     """
 
     def __init__(self, name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
-                 num_classes: int, preprocess: Preprocess, view: str, shard_ids: list[str] | None,
+                 num_classes: int, preprocess: Preprocess, column: str, shard_ids: list[str] | None,
                  num_threads: int = 1, device: str = "auto", allow_import: bool = False, fault=None,
                  precision: str = "fp32", drop: list[str] | tuple[str, ...] = ()) -> None:
         torch.set_num_threads(max(1, num_threads))
@@ -74,7 +74,7 @@ class TeacherPredictor:
         self.name = name
         self.num_classes = num_classes
         self.shard_ids = None if shard_ids is None else set(shard_ids)
-        self.preprocess, self.view = preprocess, view
+        self.preprocess, self.column = preprocess, column
         self.drop = tuple(drop)
         self.runner = TeacherRunner(load_teacher(name, arch, checkpoint, storage_options, num_classes,
                                                  preprocess.image_shape, allow_import),
@@ -86,7 +86,7 @@ class TeacherPredictor:
             from kdpipe.testing import faults
 
             faults.teacher_call(self.fault, self.name, self.calls)
-        x = batch[self.view]
+        x = batch[self.column]
         n = len(x)
         mask = ~batch["placeholder"] if "placeholder" in batch else np.ones(n, dtype=bool)
         if self.shard_ids is not None:
@@ -96,6 +96,6 @@ class TeacherPredictor:
             logits[mask] = self.runner(x if mask.all() else x[mask])
         batch[logits_column(self.name)] = logits
         batch[mask_column(self.name)] = mask
-        for column in self.drop:  # image views no later teacher reads: not shipped on as output
+        for column in self.drop:  # pixel columns no later teacher reads: not shipped on as output
             batch.pop(column, None)
         return batch

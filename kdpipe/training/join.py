@@ -10,12 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe import runtime, storage
+from kdpipe import storage
 from kdpipe.data import images, inputs
 from kdpipe.data.inputs import InputShard
-from kdpipe.data.readers import apply_view, read_samples, view_key
+from kdpipe.data.readers import cut_geometry, read_samples, shard_dataset, view_key
 from kdpipe.labels import cache, codec, softlabels
-from kdpipe.training import join
 
 
 def _select(rows: dict[str, Any], index: np.ndarray) -> dict[str, Any]:
@@ -26,7 +25,7 @@ def _select(rows: dict[str, Any], index: np.ndarray) -> dict[str, Any]:
 
 def read_joined_shard(batch: dict[str, np.ndarray], source: dict[str, Any], shards: dict[str, InputShard],
                       geometry: dict[str, Any], units: list[dict[str, Any]], data: dict[str, Any],
-                      views: dict[str, dict[str, Any]] | None = None) -> dict[str, np.ndarray]:
+                      geometries: dict[str, dict[str, Any]] | None = None) -> dict[str, np.ndarray]:
     """Training's read step: one input shard, joined by sample_key with each teacher's unit for it.
 
     Rows get x (uint8 [N, C, H, W] in the student's geometry; normalised on the worker), label,
@@ -45,9 +44,9 @@ def read_joined_shard(batch: dict[str, np.ndarray], source: dict[str, Any], shar
     keys = np.asarray(s.keys, dtype=str)
     order = np.argsort(keys, kind="stable")  # unit files are sorted by key
     replay = int(data.get("replay") or 0)
-    out: dict[str, np.ndarray] = {} if replay else {"x": apply_view(s, geometry, shard)[order]}
-    for name, g in (views or {}).items():  # online distillation: the teachers' own views
-        out[name] = apply_view(s, g, shard)[order]
+    out: dict[str, np.ndarray] = {} if replay else {"x": cut_geometry(s, geometry, shard)[order]}
+    for name, g in (geometries or {}).items():  # online distillation: the teachers' own geometries
+        out[name] = cut_geometry(s, g, shard)[order]
     if s.labels is not None:
         out["label"] = s.labels[order]
     uri, shard_id = shard.uri, shard.shard_id
@@ -85,7 +84,7 @@ def read_joined_shard(batch: dict[str, np.ndarray], source: dict[str, Any], shar
                 index = np.asarray([[position[view_key(k, j)] for j in range(replay)] for k in unit_keys], np.int64)
             except KeyError as e:
                 raise ValueError(f"{where}: no labels for view {e.args[0]!r}: the unit holds fewer than "
-                                 f"{replay} views; regenerate with labels.views={replay}") from None
+                                 f"{replay} views; regenerate with labels.geometries={replay}") from None
             mine = aug[index]  # [N, V, 5]
             if params is None:
                 params = mine
@@ -116,14 +115,9 @@ def read_joined_shard(batch: dict[str, np.ndarray], source: dict[str, Any], shar
 
 
 def student_dataset(source: dict[str, Any], shards: list[inputs.InputShard], pre, units: list[dict[str, Any]],
-                    data: dict[str, Any], views: dict[str, dict[str, Any]] | None = None,
+                    data: dict[str, Any], geometries: dict[str, dict[str, Any]] | None = None,
                     decode_cpus: float | None = None):
     """The student's input stream: one read task per input shard, joined with the teachers' units
-    (or, for online distillation, carrying the teachers' own `views` instead)."""
-    import ray.data
-
-    items = [{"shard_id": s.shard_id} for s in shards]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(join.read_joined_shard, batch_size=1, num_cpus=decode_cpus or runtime.READ_TASK_CPUS,
-                          fn_kwargs={"source": source, "shards": {s.shard_id: s for s in shards},
-                                     "geometry": pre.geometry(), "units": units, "data": data, "views": views})
+    (or, for online distillation, carrying the pixels of the teachers' own `geometries` instead)."""
+    return shard_dataset(shards, read_joined_shard, decode_cpus, source=source, geometry=pre.geometry(),
+                         units=units, data=data, geometries=geometries)

@@ -167,7 +167,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         history = [h for h in history if h["epoch"] < start_epoch]
     sink = MetricsSink(config["run_uri"], config["storage_options"]) if rank == 0 else None
-    online = [(t["preprocess"], t["preprocess"].view(),
+    online = [(t["preprocess"], t["preprocess"].pixels_column(),
                load_teacher(t["name"], t["arch"], t["checkpoint"], config["storage_options"], config["num_classes"],
                             t["preprocess"].image_shape, config["allow_import"]).to(device)) for t in config["online_teachers"]]
     every, epochs = config["checkpoint_every"], config["epochs"]

@@ -143,11 +143,11 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
         data["ensemble"] = {"weights": list(tr.teacher_weights) or [1.0] * len(units), "temperatures": temperatures}
     pre = preprocess_for(cfg)
     holdout_shards = inputs.list_shards(cfg.data.holdout, source) if labelled else []
-    views = {t["preprocess"].view(): t["preprocess"].geometry() for t in online_teachers}
-    train_ds = student_dataset(source, shards, pre, units, data, views, cfg.data.decode_cpus)
+    geometries = {t["preprocess"].pixels_column(): t["preprocess"].geometry() for t in online_teachers}
+    train_ds = student_dataset(source, shards, pre, units, data, geometries, cfg.data.decode_cpus)
     datasets_ = {"train": train_ds}
     label_floats = (1 if data.get("ensemble") else len(units)) * cfg.data.num_classes
-    row_bytes = (int(np.prod(pre.image_shape)) + sum(int(np.prod(g["size"])) * g["channels"] for g in views.values())
+    row_bytes = (int(np.prod(pre.image_shape)) + sum(int(np.prod(g["size"])) * g["channels"] for g in geometries.values())
                  + 4 * label_floats) * max(1, replay) + 16
     rows = sum(_rows_estimate(s, units) for s in shards) + sum(_rows_estimate(s, []) for s in holdout_shards)
     if paired_plain:

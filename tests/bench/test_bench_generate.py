@@ -28,7 +28,7 @@ def test_synthetic_inputs_read_back_as_rgb(tmp_path):
     assert len(shards) == 3 and sum(s.num_rows for s in shards) == 10
     samples = readers.read_samples(shards[0], source)
     assert samples.images[0].shape == (16, 16, 3) and samples.images[0].dtype == np.uint8
-    keys, x = bg.local_views(cfg, "tiny")
+    keys, x = bg.local_pixels(cfg, "tiny")
     assert len(set(keys)) == 10 and x.shape == (10, 3, 16, 16)
 
 

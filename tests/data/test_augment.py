@@ -1,6 +1,6 @@
 """Augmented views: generation labels V seeded views per sample and stores their crop/flip params
 with the labels; the student replays exactly those views. The read functions here are the ones
-Ray runs (generation's `read_views`, training's `read_joined_shard`), called directly."""
+Ray runs (generation's `read_teacher_inputs`, training's `read_joined_shard`), called directly."""
 
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ def shard(tmp_path):
 
 
 def _label(tmp_path, source, s, geometry, fmt="parquet", mode="full", augment=AUGMENT, seed=0):
-    """Generation of one teacher on one shard, as generate.py does it: read_views, a real torch
+    """Generation of one teacher on one shard, as generate.py does it: read_teacher_inputs, a real torch
     model on the teacher's view, then the unit committed with each row's view params."""
-    batch = readers.read_views({"shard_id": np.asarray([s.shard_id])}, source, {s.shard_id: s},
+    batch = readers.read_teacher_inputs({"shard_id": np.asarray([s.shard_id])}, source, {s.shard_id: s},
                                 {"x_t": geometry}, augment)
     torch.manual_seed(seed)
     model = build_model("cnn", 10, (geometry["channels"], *geometry["size"])).eval()

@@ -91,7 +91,7 @@ def test_resize_recovers_the_original_and_views_share_one_decode(tmp_path, monke
     monkeypatch.setattr(images, "decode", lambda b: decoded.append(1) or real_decode(b))
     small = {"channels": 1, "resize": [8, 8], "size": [8, 8]}
     rgb = {"channels": 3, "resize": 14, "size": [12, 12]}
-    rows = readers.read_views({"shard_id": np.array([shard.shard_id])}, source, {shard.shard_id: shard},
+    rows = readers.read_teacher_inputs({"shard_id": np.array([shard.shard_id])}, source, {shard.shard_id: shard},
                                {"a": small, "b": rgb})
     assert len(decoded) == len(IDX)  # two views, one decode per image
     assert rows["a"].shape == (60, 1, 8, 8) and rows["b"].shape == (60, 3, 12, 12)
@@ -205,7 +205,7 @@ def test_images_smaller_than_the_model_input_need_a_resize(tmp_path):
     source = inputs.source_spec(d, False)
     [shard] = inputs.list_shards(d.train, source)
     with pytest.raises(ValueError, match=r"train-00000.parquet: image is 8x8, smaller than the model input 16x16: set a `resize`"):
-        readers.read_views({"shard_id": np.array([shard.shard_id])}, source, {shard.shard_id: shard},
+        readers.read_teacher_inputs({"shard_id": np.array([shard.shard_id])}, source, {shard.shard_id: shard},
                             {"v": {"channels": 1, "resize": None, "size": [16, 16]}})
 
 
@@ -234,7 +234,7 @@ def test_skip_list_travels_with_the_first_row(tmp_path):
     d = _data(str(tmp_path), "webdataset", on_bad_sample="skip")
     source = inputs.source_spec(d, False)
     shard = next(s for s in inputs.list_shards(d.train, source) if s.uri.endswith("extra.tar"))
-    rows = readers.read_views({"shard_id": np.array([shard.shard_id])}, source, {shard.shard_id: shard},
+    rows = readers.read_teacher_inputs({"shard_id": np.array([shard.shard_id])}, source, {shard.shard_id: shard},
                                {"v": {"channels": 1, "resize": None, "size": [8, 8]}})
     assert rows["placeholder"].tolist() == [True] and rows["shard_rows"].tolist() == [0]
     assert json.loads(rows["skipped"][0])[0]["key"] == "bad"

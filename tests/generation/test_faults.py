@@ -20,6 +20,7 @@ import pytest
 
 from kdpipe import config, storage
 from kdpipe.data import inputs
+from kdpipe.errors import StorageUnreachable
 from kdpipe.generation import generate
 from kdpipe.labels import cache, codec, upkeep
 from kdpipe.testing import faults
@@ -161,7 +162,7 @@ def test_object_store_stopped_mid_run_fails_clearly_and_a_rerun_finishes(referen
         worker.join(timeout=120)
         assert not worker.is_alive()
         error = outcome.get("error")
-        assert isinstance(error, storage.StorageUnreachable), repr(error)
+        assert isinstance(error, StorageUnreachable), repr(error)
         message = str(error)
         assert "s3://kdpipe-outage/cache" in message and "rerun the same command" in message
         assert secret not in message
