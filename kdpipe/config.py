@@ -18,6 +18,8 @@ import yaml
 
 from kdpipe.errors import ConfigError
 from kdpipe.storage import join
+from kdpipe.teachers.precision import PRECISIONS, resolve_precision
+from kdpipe.training.choices import ENSEMBLES, KINDS, WEIGHTINGS
 
 
 @dataclass
@@ -27,11 +29,7 @@ class RayConfig:
 
 
 INPUT_FORMATS = ("parquet", "webdataset", "imagefolder")
-ENSEMBLES = ("mean", "sum")  # how teachers combine (kdpipe.training.losses)
-KINDS = ("kl", "soft_ce", "mse")  # distillation loss variants
-WEIGHTINGS = ("fixed", "confidence", "correctness")  # per-sample teacher weighting
 PREPROCESS_KEYS = ("image_shape", "resize", "scale", "mean", "std")
-PRECISIONS = ("auto", "fp32", "bf16")  # a teacher's compute precision (kdpipe.teachers.checkpoints.resolve_precision)
 
 
 @dataclass
@@ -182,8 +180,6 @@ def default_teachers() -> list[TeacherConfig]:
 
 def teacher_precision(t: TeacherConfig) -> str:
     """The precision a teacher's actors run at: `precision`, with auto resolved by where they run."""
-    from kdpipe.teachers.checkpoints import resolve_precision
-
     return resolve_precision(t.precision, t.num_gpus > 0)
 
 

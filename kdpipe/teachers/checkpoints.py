@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from kdpipe import storage
-from kdpipe.config import PRECISIONS
 from kdpipe.teachers.models import build_model
 
 
@@ -132,12 +131,3 @@ def save_checkpoint(model: torch.nn.Module, uri: str, storage_options: dict[str,
                 "metrics": metrics}, buf)
     fs, path = storage.filesystem(uri, storage_options)
     storage.write_bytes(fs, path, buf.getvalue())
-
-
-def resolve_precision(precision: str, on_gpu: bool) -> str:
-    """"auto" is bf16 autocast where the teacher runs on a GPU and fp32 on a CPU."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"teacher precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if on_gpu else "fp32"
-    return precision

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from kdpipe.data.images import Preprocess
-from kdpipe.teachers.checkpoints import load_teacher, resolve_precision
+from kdpipe.teachers.checkpoints import load_teacher
+from kdpipe.teachers.precision import resolve_precision
 
 
 def logits_column(name: str) -> str:

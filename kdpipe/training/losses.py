@@ -28,7 +28,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kdpipe.config import ENSEMBLES, KINDS, WEIGHTINGS
+from kdpipe.training.choices import ENSEMBLES, KINDS, WEIGHTINGS
 
 
 def teacher_distribution(teacher_logits: torch.Tensor, temperature: float,

@@ -137,7 +137,7 @@ def test_bf16_precision_runs_under_autocast_and_is_part_of_the_digest(tmp_path):
     """precision: auto is fp32 on a CPU and bf16 on a GPU; bf16 (testable on a CPU too) gives
     logits close to fp32's but not equal, so it is in the digest: other labels, other units."""
     from kdpipe.config import ConfigError, load_config, teacher_precision
-    from kdpipe.teachers.checkpoints import resolve_precision
+    from kdpipe.teachers.precision import resolve_precision
 
     assert resolve_precision("auto", on_gpu=False) == "fp32" and resolve_precision("auto", on_gpu=True) == "bf16"
     cfg = load_config(None, ["teachers.0.num_gpus=0.5", "teachers.1.precision=bf16"])
