@@ -10,12 +10,16 @@ result in <workdir>/bench/result.json; otherwise its arguments are those of `kdp
 
 import sys
 
-from kdpipe.cli import main
+from kdpipe.cli import main, run_command
 
 
 def run(argv: list[str]) -> int:
     if not argv or not argv[0].endswith((".yaml", ".yml")):
         return main(["bench", *argv])
+    return run_command("benchmark", lambda: _run_all(argv))  # a bad config: its message, exit 2
+
+
+def _run_all(argv: list[str]) -> int:
     from kdpipe import runtime, storage
     from kdpipe.config import load_config
 

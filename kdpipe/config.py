@@ -16,7 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from kdpipe.errors import ConfigError
+from kdpipe.errors import ConfigError, StorageDenied
 from kdpipe.storage import join
 from kdpipe.teachers.precision import PRECISIONS, resolve_precision
 from kdpipe.training.choices import ENSEMBLES, KINDS, WEIGHTINGS
@@ -184,138 +184,205 @@ def teacher_precision(t: TeacherConfig) -> str:
 
 
 def validate(cfg: Config) -> None:
-    """Check values that types cannot; raise ConfigError naming the key and the value."""
-    def bad(key: str, value: Any, hint: str) -> ConfigError:
-        return ConfigError(f"config key {key}={value!r}: {hint}")
+    """Check values that types cannot; raise ConfigError naming the key and the value.
 
-    tr, data = cfg.train, cfg.data
-    _validate_labels(cfg.labels, data.num_classes, "labels", bad)
-    if cfg.cache.inject_fault:
+    One step per section, in this order (a config with several faults reports the first)."""
+    validate_labels(cfg.labels, cfg.data.num_classes)
+    validate_cache(cfg.cache)
+    validate_train_loop(cfg.train)
+    validate_data(cfg.data)
+    validate_imports(cfg)
+    validate_teachers(cfg)
+    validate_train_objective(cfg.train)
+    validate_train_run(cfg.train)
+    validate_teacher_mix(cfg.train, [t.name for t in cfg.teachers])
+
+
+def _bad(key: str, value: Any, hint: str) -> ConfigError:
+    return ConfigError(f"config key {key}={value!r}: {hint}")
+
+
+def validate_labels(lab: LabelConfig, num_classes: int, prefix: str = "labels") -> None:
+    """The `labels` section, or a teacher's labels merged with it (prefix teachers[i].labels)."""
+    if not isinstance(lab.temperature, (int, float)) or lab.temperature <= 0:
+        raise _bad(f"{prefix}.temperature", lab.temperature, "must be > 0")
+    if lab.mode not in ("full", "topk"):
+        raise _bad(f"{prefix}.mode", lab.mode, "use full or topk")
+    if lab.mode == "topk" and not (isinstance(lab.k, int) and 1 <= lab.k <= num_classes):
+        raise _bad(f"{prefix}.k", lab.k, f"must be in [1, data.num_classes={num_classes}]")
+    if lab.dtype not in ("float16", "float32"):
+        raise _bad(f"{prefix}.dtype", lab.dtype, "use float16 or float32")
+    if lab.format not in ("parquet", "webdataset"):
+        raise _bad(f"{prefix}.format", lab.format, "use parquet or webdataset")
+    if not isinstance(lab.views, int) or lab.views < 0:
+        raise _bad(f"{prefix}.views", lab.views, "the number of augmented views per sample: 0 or more")
+    scale = lab.crop_scale
+    if not (isinstance(scale, list) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise _bad(f"{prefix}.crop_scale", scale, "give [min, max] area fractions with 0 < min <= max <= 1")
+
+
+def validate_cache(cache: CacheConfig) -> None:
+    """The `cache` section: only the test-only fault has a grammar to check."""
+    if cache.inject_fault:
         from kdpipe.testing import faults
 
         try:
-            faults.parse(cfg.cache.inject_fault)
+            faults.parse(cache.inject_fault)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+def validate_train_loop(tr: TrainConfig) -> None:
+    """The `train` numbers the loop runs on: loss weight and temperature, checkpoints, workers."""
     if not 0.0 <= tr.alpha <= 1.0:
-        raise bad("train.alpha", tr.alpha, "must be in [0, 1]")
+        raise _bad("train.alpha", tr.alpha, "must be in [0, 1]")
     if tr.temperature <= 0:
-        raise bad("train.temperature", tr.temperature, "must be > 0")
+        raise _bad("train.temperature", tr.temperature, "must be > 0")
     if tr.preload not in ("auto", "always", "never"):
-        raise bad("train.preload", tr.preload, "use auto, always or never")
+        raise _bad("train.preload", tr.preload, "use auto, always or never")
     if tr.checkpoint_every < 1:
-        raise bad("train.checkpoint_every", tr.checkpoint_every, "must be >= 1")
+        raise _bad("train.checkpoint_every", tr.checkpoint_every, "must be >= 1")
     if tr.keep_checkpoints < 1:
-        raise bad("train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1 (the last one resumes the run)")
+        raise _bad("train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1 (the last one resumes the run)")
     if tr.num_workers < 1:
-        raise bad("train.num_workers", tr.num_workers, "must be >= 1")
+        raise _bad("train.num_workers", tr.num_workers, "must be >= 1")
+
+
+def validate_data(data: DataConfig) -> None:
+    """The `data` section: the built-in dataset, the input format and policy, preprocessing."""
     if data.num_classes < 2:
-        raise bad("data.num_classes", data.num_classes, "must be >= 2")
+        raise _bad("data.num_classes", data.num_classes, "must be >= 2")
     if data.builtin not in (None, "digits"):
-        raise bad("data.builtin", data.builtin, "built-in datasets: digits (or null)")
+        raise _bad("data.builtin", data.builtin, "built-in datasets: digits (or null)")
     if not 0.0 < data.holdout_fraction < 1.0:
-        raise bad("data.holdout_fraction", data.holdout_fraction, "must be in (0, 1)")
+        raise _bad("data.holdout_fraction", data.holdout_fraction, "must be in (0, 1)")
     if data.format not in INPUT_FORMATS:
-        raise bad("data.format", data.format, f"use one of {', '.join(INPUT_FORMATS)}")
+        raise _bad("data.format", data.format, f"use one of {', '.join(INPUT_FORMATS)}")
     if data.on_bad_sample not in ("error", "skip"):
-        raise bad("data.on_bad_sample", data.on_bad_sample, "use error or skip")
+        raise _bad("data.on_bad_sample", data.on_bad_sample, "use error or skip")
     if data.decode_cpus is not None and data.decode_cpus <= 0:
-        raise bad("data.decode_cpus", data.decode_cpus, "CPUs per decode task must be > 0 (or null)")
+        raise _bad("data.decode_cpus", data.decode_cpus, "CPUs per decode task must be > 0 (or null)")
     if data.files_per_shard < 1:
-        raise bad("data.files_per_shard", data.files_per_shard, "must be >= 1")
+        raise _bad("data.files_per_shard", data.files_per_shard, "must be >= 1")
     if data.pixel_shape and (len(data.pixel_shape) != 3 or min(data.pixel_shape) < 1):
-        raise bad("data.pixel_shape", data.pixel_shape, "give [channels, height, width] or []")
+        raise _bad("data.pixel_shape", data.pixel_shape, "give [channels, height, width] or []")
     if data.class_names and len(data.class_names) != data.num_classes:
-        raise bad("data.class_names", data.class_names, f"give data.num_classes={data.num_classes} names")
-    _validate_preprocess(vars(data), "data", bad)
-    names = [t.name for t in cfg.teachers]
-    if not cfg.allow_import:
-        for key, arch in [(f"teachers[{i}].arch", t.arch) for i, t in enumerate(cfg.teachers)] + [("train.student", tr.student)]:
-            if ":" in (arch or ""):
-                raise bad(key, arch, "a module:function architecture imports and runs that module's code: "
-                                     "set `allow_import: true` at the top of the config to allow it")
-    for i, t in enumerate(cfg.teachers):
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t.name or ""):
-            raise bad(f"teachers[{i}].name", t.name, "use letters, digits, '_', '-', '.'")
-        if not t.arch:
-            raise bad(f"teachers[{i}].arch", t.arch, f"teacher {t.name!r} needs an architecture")
-        if t.batch_size < 1:
-            raise bad(f"teachers[{i}].batch_size", t.batch_size, "must be >= 1")
-        if t.precision not in PRECISIONS:
-            raise bad(f"teachers[{i}].precision", t.precision,
-                      "use auto (bf16 on a GPU, fp32 on a CPU), fp32 or bf16")
-        unknown = sorted(set(t.labels) - {f.name for f in dataclasses.fields(LabelConfig)})
-        if unknown:
-            raise ConfigError(f"unknown config key 'teachers[{i}].labels.{unknown[0]}': known keys here are "
-                              f"{', '.join(f.name for f in dataclasses.fields(LabelConfig))}")
-        shared = sorted(set(t.labels) & set(VIEW_KEYS))
-        if shared:
-            raise bad(f"teachers[{i}].labels.{shared[0]}", t.labels[shared[0]],
-                      "augmented views are shared by every teacher (one decode feeds them all): set it under `labels`")
-        _validate_labels(labels_for(cfg, t.name), data.num_classes, f"teachers[{i}].labels", bad)
-        unknown = sorted(set(t.preprocess) - set(PREPROCESS_KEYS))
-        if unknown:
-            raise ConfigError(f"unknown config key 'teachers[{i}].preprocess.{unknown[0]}': known keys here are "
-                              f"{', '.join(PREPROCESS_KEYS)}")
-        _validate_preprocess({k: v for k, v in vars(data).items() if k in PREPROCESS_KEYS} | t.preprocess,
-                             f"teachers[{i}].preprocess", bad)
-    if len(set(names)) != len(names):
-        raise bad("teachers", names, "teacher names must be unique")
-    if tr.augment not in AUGMENTS:
-        raise bad("train.augment", tr.augment, "use none or replay (replays the views cached with labels.views)")
-    if tr.augment == "replay" and tr.online:
-        raise bad("train.augment", tr.augment, "replay reads cached views; the online baseline has none")
-    if tr.ensemble not in ("auto", *ENSEMBLES):
-        raise bad("train.ensemble", tr.ensemble, "use auto, mean or sum")
-    if tr.loss not in KINDS:
-        raise bad("train.loss", tr.loss, f"use one of {', '.join(KINDS)}")
-    if tr.teacher_weighting not in WEIGHTINGS:
-        raise bad("train.teacher_weighting", tr.teacher_weighting, f"use one of {', '.join(WEIGHTINGS)}")
-    if tr.schedule not in ("constant", "linear", "cosine"):
-        raise bad("train.schedule", tr.schedule, "use constant, linear or cosine")
-    if tr.alpha_end is not None and not 0.0 <= tr.alpha_end <= 1.0:
-        raise bad("train.alpha_end", tr.alpha_end, "must be in [0, 1]")
-    if tr.temperature_end is not None and tr.temperature_end <= 0:
-        raise bad("train.temperature_end", tr.temperature_end, "must be > 0")
-    if not tr.use_labels and (tr.alpha != 1.0 or (tr.alpha_end is not None and tr.alpha_end != 1.0)):
-        raise bad("train.alpha", tr.alpha, "label-free training (use_labels: false) needs alpha = 1")
-    if tr.teacher_weighting == "correctness" and not tr.use_labels:
-        raise bad("train.teacher_weighting", tr.teacher_weighting, "correctness needs labels (use_labels: true)")
-    if tr.run and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tr.run):
-        raise bad("train.run", tr.run, "use letters, digits, '_', '-', '.'")
-    if set(tr.export) - {"torchscript", "onnx"}:
-        raise bad("train.export", tr.export, "use [], [torchscript], [onnx] or [torchscript, onnx]")
-    if tr.max_failures < -1:
-        raise bad("train.max_failures", tr.max_failures, "use -1 (no limit), 0 or more")
-    if tr.teacher_temperatures and (len(tr.teacher_temperatures) != len(tr.teachers or names)
-                                    or min(tr.teacher_temperatures) <= 0):
-        raise bad("train.teacher_temperatures", tr.teacher_temperatures,
-                  f"give one temperature > 0 per teacher ({len(tr.teachers or names)}) or []")
-    if tr.teacher_weights and len(tr.teacher_weights) != len(tr.teachers or names):
-        raise bad("train.teacher_weights", tr.teacher_weights,
-                  f"give one weight per teacher ({len(tr.teachers or names)})")
-    if any(w < 0 for w in tr.teacher_weights) or (tr.teacher_weights and sum(tr.teacher_weights) <= 0):
-        raise bad("train.teacher_weights", tr.teacher_weights, "weights must be >= 0 with a positive sum")
+        raise _bad("data.class_names", data.class_names, f"give data.num_classes={data.num_classes} names")
+    validate_preprocess(vars(data), "data")
 
 
-def _validate_preprocess(p: dict[str, Any], prefix: str, bad) -> None:
+def validate_preprocess(p: dict[str, Any], prefix: str) -> None:
+    """Preprocessing settings (PREPROCESS_KEYS): the data section's, or a teacher's merged with them."""
     shape = p["image_shape"]
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v >= 1 for v in shape)):
-        raise bad(f"{prefix}.image_shape", shape, "give [channels, height, width]")
+        raise _bad(f"{prefix}.image_shape", shape, "give [channels, height, width]")
     if shape[0] not in (1, 3):
-        raise bad(f"{prefix}.image_shape", shape, "channels must be 1 (grey) or 3 (RGB)")
+        raise _bad(f"{prefix}.image_shape", shape, "channels must be 1 (grey) or 3 (RGB)")
     resize = p["resize"]
     ok = resize is None or (isinstance(resize, int) and resize >= 1) or (
         isinstance(resize, list) and len(resize) == 2 and all(isinstance(v, int) and v >= 1 for v in resize))
     if not ok:
-        raise bad(f"{prefix}.resize", resize, "use null, the shorter side (an int) or [height, width]")
+        raise _bad(f"{prefix}.resize", resize, "use null, the shorter side (an int) or [height, width]")
     if not isinstance(p["scale"], (int, float)) or p["scale"] <= 0:
-        raise bad(f"{prefix}.scale", p["scale"], "must be > 0")
+        raise _bad(f"{prefix}.scale", p["scale"], "must be > 0")
     for key in ("mean", "std"):
         if p[key] and len(p[key]) != shape[0]:
-            raise bad(f"{prefix}.{key}", p[key], f"give one value per channel ({shape[0]}) or []")
+            raise _bad(f"{prefix}.{key}", p[key], f"give one value per channel ({shape[0]}) or []")
     if any(v <= 0 for v in p["std"]):
-        raise bad(f"{prefix}.std", p["std"], "must be > 0")
+        raise _bad(f"{prefix}.std", p["std"], "must be > 0")
+
+
+def validate_imports(cfg: Config) -> None:
+    """`allow_import`: a module:function architecture (a teacher's or the student's) needs it."""
+    if cfg.allow_import:
+        return
+    archs = [(f"teachers[{i}].arch", t.arch) for i, t in enumerate(cfg.teachers)] + [("train.student", cfg.train.student)]
+    for key, arch in archs:
+        if ":" in (arch or ""):
+            raise _bad(key, arch, "a module:function architecture imports and runs that module's code: "
+                                  "set `allow_import: true` at the top of the config to allow it")
+
+
+def validate_teachers(cfg: Config) -> None:
+    """The `teachers` list: each teacher (with its label and preprocessing overrides), unique names."""
+    for i, t in enumerate(cfg.teachers):
+        _validate_teacher(cfg, i, t)
+    names = [t.name for t in cfg.teachers]
+    if len(set(names)) != len(names):
+        raise _bad("teachers", names, "teacher names must be unique")
+
+
+def _validate_teacher(cfg: Config, i: int, t: TeacherConfig) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t.name or ""):
+        raise _bad(f"teachers[{i}].name", t.name, "use letters, digits, '_', '-', '.'")
+    if not t.arch:
+        raise _bad(f"teachers[{i}].arch", t.arch, f"teacher {t.name!r} needs an architecture")
+    if t.batch_size < 1:
+        raise _bad(f"teachers[{i}].batch_size", t.batch_size, "must be >= 1")
+    if t.precision not in PRECISIONS:
+        raise _bad(f"teachers[{i}].precision", t.precision, "use auto (bf16 on a GPU, fp32 on a CPU), fp32 or bf16")
+    label_keys = [f.name for f in dataclasses.fields(LabelConfig)]
+    unknown = sorted(set(t.labels) - set(label_keys))
+    if unknown:
+        raise ConfigError(f"unknown config key 'teachers[{i}].labels.{unknown[0]}': known keys here are "
+                          f"{', '.join(label_keys)}")
+    shared = sorted(set(t.labels) & set(VIEW_KEYS))
+    if shared:
+        raise _bad(f"teachers[{i}].labels.{shared[0]}", t.labels[shared[0]],
+                   "augmented views are shared by every teacher (one decode feeds them all): set it under `labels`")
+    validate_labels(labels_for(cfg, t.name), cfg.data.num_classes, f"teachers[{i}].labels")
+    unknown = sorted(set(t.preprocess) - set(PREPROCESS_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config key 'teachers[{i}].preprocess.{unknown[0]}': known keys here are "
+                          f"{', '.join(PREPROCESS_KEYS)}")
+    data = {k: v for k, v in vars(cfg.data).items() if k in PREPROCESS_KEYS}
+    validate_preprocess(data | t.preprocess, f"teachers[{i}].preprocess")
+
+
+def validate_train_objective(tr: TrainConfig) -> None:
+    """What the student minimises: augmentation, ensemble, loss, weighting, schedule, labels."""
+    if tr.augment not in AUGMENTS:
+        raise _bad("train.augment", tr.augment, "use none or replay (replays the views cached with labels.views)")
+    if tr.augment == "replay" and tr.online:
+        raise _bad("train.augment", tr.augment, "replay reads cached views; the online baseline has none")
+    if tr.ensemble not in ("auto", *ENSEMBLES):
+        raise _bad("train.ensemble", tr.ensemble, "use auto, mean or sum")
+    if tr.loss not in KINDS:
+        raise _bad("train.loss", tr.loss, f"use one of {', '.join(KINDS)}")
+    if tr.teacher_weighting not in WEIGHTINGS:
+        raise _bad("train.teacher_weighting", tr.teacher_weighting, f"use one of {', '.join(WEIGHTINGS)}")
+    if tr.schedule not in ("constant", "linear", "cosine"):
+        raise _bad("train.schedule", tr.schedule, "use constant, linear or cosine")
+    if tr.alpha_end is not None and not 0.0 <= tr.alpha_end <= 1.0:
+        raise _bad("train.alpha_end", tr.alpha_end, "must be in [0, 1]")
+    if tr.temperature_end is not None and tr.temperature_end <= 0:
+        raise _bad("train.temperature_end", tr.temperature_end, "must be > 0")
+    if not tr.use_labels and (tr.alpha != 1.0 or (tr.alpha_end is not None and tr.alpha_end != 1.0)):
+        raise _bad("train.alpha", tr.alpha, "label-free training (use_labels: false) needs alpha = 1")
+    if tr.teacher_weighting == "correctness" and not tr.use_labels:
+        raise _bad("train.teacher_weighting", tr.teacher_weighting, "correctness needs labels (use_labels: true)")
+
+
+def validate_train_run(tr: TrainConfig) -> None:
+    """The run around the loop: its name, the exported models, the failures it survives."""
+    if tr.run and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tr.run):
+        raise _bad("train.run", tr.run, "use letters, digits, '_', '-', '.'")
+    if set(tr.export) - {"torchscript", "onnx"}:
+        raise _bad("train.export", tr.export, "use [], [torchscript], [onnx] or [torchscript, onnx]")
+    if tr.max_failures < -1:
+        raise _bad("train.max_failures", tr.max_failures, "use -1 (no limit), 0 or more")
+
+
+def validate_teacher_mix(tr: TrainConfig, teacher_names: list[str]) -> None:
+    """Per-teacher temperatures and weights: one per distilled teacher (train.teachers, or all)."""
+    n = len(tr.teachers or teacher_names)
+    if tr.teacher_temperatures and (len(tr.teacher_temperatures) != n or min(tr.teacher_temperatures) <= 0):
+        raise _bad("train.teacher_temperatures", tr.teacher_temperatures,
+                   f"give one temperature > 0 per teacher ({n}) or []")
+    if tr.teacher_weights and len(tr.teacher_weights) != n:
+        raise _bad("train.teacher_weights", tr.teacher_weights, f"give one weight per teacher ({n})")
+    if any(w < 0 for w in tr.teacher_weights) or (tr.teacher_weights and sum(tr.teacher_weights) <= 0):
+        raise _bad("train.teacher_weights", tr.teacher_weights, "weights must be >= 0 with a positive sum")
 
 
 def preprocess_for(cfg: Config, teacher: str | None = None):
@@ -328,24 +395,6 @@ def preprocess_for(cfg: Config, teacher: str | None = None):
         if teacher is not None and t.name == teacher:
             p.update(t.preprocess)
     return make_preprocess(p["image_shape"], p["resize"], p["scale"], p["mean"], p["std"])
-
-
-def _validate_labels(lab: LabelConfig, num_classes: int, prefix: str, bad) -> None:
-    if not isinstance(lab.temperature, (int, float)) or lab.temperature <= 0:
-        raise bad(f"{prefix}.temperature", lab.temperature, "must be > 0")
-    if lab.mode not in ("full", "topk"):
-        raise bad(f"{prefix}.mode", lab.mode, "use full or topk")
-    if lab.mode == "topk" and not (isinstance(lab.k, int) and 1 <= lab.k <= num_classes):
-        raise bad(f"{prefix}.k", lab.k, f"must be in [1, data.num_classes={num_classes}]")
-    if lab.dtype not in ("float16", "float32"):
-        raise bad(f"{prefix}.dtype", lab.dtype, "use float16 or float32")
-    if lab.format not in ("parquet", "webdataset"):
-        raise bad(f"{prefix}.format", lab.format, "use parquet or webdataset")
-    if not isinstance(lab.views, int) or lab.views < 0:
-        raise bad(f"{prefix}.views", lab.views, "the number of augmented views per sample: 0 or more")
-    scale = lab.crop_scale
-    if not (isinstance(scale, list) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
-        raise bad(f"{prefix}.crop_scale", scale, "give [min, max] area fractions with 0 < min <= max <= 1")
 
 
 def labels_for(cfg: Config, teacher: str) -> LabelConfig:
@@ -454,6 +503,10 @@ def read_yaml_mapping(path: str, what: str = "config file", error: type[Exceptio
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise error(f"{what} {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path!r} is a directory: give the YAML file") from None
+    except PermissionError as e:
+        raise StorageDenied(f"{what} {path!r} cannot be read ({e.strerror}): check its permissions") from None
     except yaml.YAMLError as e:
         raise error(f"{what} {path!r} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -488,6 +541,8 @@ def _registry_teachers(raw: dict[str, Any]) -> list[Any]:
         text = fs.cat_file(path).decode()
     except FileNotFoundError:
         raise ConfigError(f"teacher registry {uri!r} does not exist: check `registry`") from None
+    except PermissionError as e:
+        raise storage.access_denied(uri, e, key="registry", options="cache.storage_options") from None
     try:
         body = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

@@ -39,3 +39,32 @@ class StorageDenied(StorageError, PermissionError):
 
 class StorageUnreachable(StorageError, ConnectionError):
     """The store stopped answering; what was committed before is kept, a rerun finishes the job."""
+
+
+class CacheMissing(CacheError, FileNotFoundError):
+    """The label cache has no labels where a command needs them (no ref, no manifest): a
+    CacheError that is also a FileNotFoundError, as it was before these classes."""
+
+
+class ClusterUnreachable(KdpipeError, ConnectionError):
+    """No Ray Jobs API answers at the address (or it refused us, or stopped answering)."""
+
+
+def user_error(error: BaseException) -> KdpipeError | None:
+    """The KdpipeError behind `error`, also when Ray carried it out of a task or a training
+    worker (ray.exceptions.RayTaskError's `cause`, Ray Train's `worker_failures` and
+    `controller_failure`, chained exceptions); None when there is none: a bug."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(e, KdpipeError) and not isinstance(cause, BaseException):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        todo += [cause if isinstance(cause, BaseException) else None, getattr(e, "controller_failure", None),
+                 *(failures.values() if isinstance(failures, dict) else ()), e.__cause__, e.__context__]
+    return None

@@ -12,6 +12,8 @@ import logging
 import os
 from dataclasses import dataclass, replace
 
+from kdpipe.errors import ConfigError
+
 log = logging.getLogger("kdpipe")
 
 # Share of the cluster's CPUs the teacher pools may reserve; the rest reads and decodes inputs.
@@ -96,7 +98,7 @@ def plan_teacher_pools(cpus: float, gpus: float,
     plans, sized = [], []
     for name, num_cpus, num_gpus, pool_size in requests:
         if num_gpus > gpus or (num_cpus or 0) > cpus:
-            raise ValueError(
+            raise ConfigError(
                 f"teacher {name!r} asks for num_gpus={num_gpus}, num_cpus={num_cpus} per actor but the "
                 f"Ray cluster has {gpus:g} GPUs and {cpus:g} CPUs: Ray would wait forever; lower the request"
             )

@@ -16,19 +16,27 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from kdpipe.errors import StorageDenied
+from kdpipe.errors import CacheError, ConfigError, StorageDenied, StorageError
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a URI such as file:///x, s3://b/k, memory://m or /x."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    except ValueError as e:  # fsspec: "Protocol not known: ..."
+        raise ConfigError(f"URI {uri!r}: {e}: use a local path or a URI fsspec knows "
+                          "(file://, s3://, gs://, ...)") from None
+    except ImportError as e:  # a known protocol whose package is not installed (s3fs, gcsfs, ...)
+        raise StorageError(f"URI {uri!r} cannot be opened: {e}") from None
     return fs, path
 
 
-def access_denied(uri: str, error: Exception) -> StorageDenied:
-    """An error (a PermissionError) that names the URI and what to check (never the credentials)."""
+def access_denied(uri: str, error: Exception, key: str = "", options: str = "storage_options") -> StorageDenied:
+    """An error (a PermissionError) that names the URI and what to check (never the credentials):
+    `key` is the config key that gave the URI, `options` the one holding its storage options."""
+    tail = f", or the URI in {key}" if key else ""
     return StorageDenied(f"access to {uri!r} was denied ({error}): check the storage credentials "
-                           "(environment, profile or storage_options) and the endpoint")
+                         f"(environment, profile or {options}) and the endpoint{tail}")
 
 
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError")
@@ -106,7 +114,7 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     try:
         return json.loads(fs.cat_file(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); the file is corrupt, delete it and rerun") from e
+        raise CacheError(f"{path}: not valid JSON ({e}); the file is corrupt, delete it and rerun") from e
 
 
 
@@ -135,5 +143,5 @@ def token_from_info(info: dict[str, Any]) -> dict[str, Any]:
 def check_shared(uri: str) -> None:
     """Ray workers are other processes: refuse a process-local filesystem before they fail on it."""
     if uri.startswith("memory://"):
-        raise ValueError(f"{uri!r} is process-local (memory://): Ray workers cannot read it; "
+        raise ConfigError(f"{uri!r} is process-local (memory://): Ray workers cannot read it; "
                          "use a local path, file:// or an object store")

@@ -45,8 +45,15 @@ import numpy as np
 from kdpipe import config, runtime, storage
 from kdpipe.bench.stats import summary
 from kdpipe.data import inputs, readers
+from kdpipe.errors import ConfigError
 from kdpipe.generation import generate, planning
-from kdpipe.teachers.predictor import TeacherPredictor, logits_column, mask_column
+from kdpipe.generation.pipeline import predictor_settings
+from kdpipe.teachers.predictor import (
+    PredictorSettings,
+    TeacherPredictor,
+    logits_column,
+    mask_column,
+)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -74,7 +81,7 @@ def setup(on_gpu: bool | None = None) -> dict[str, Any]:
     chosen = os.environ.get(SETUP_ENV, "auto").strip().lower() or "auto"
     if chosen != "auto" and on_gpu is None:
         if chosen not in SETUPS:
-            raise ValueError(f"${SETUP_ENV}={chosen!r}: use small, large or auto")
+            raise ConfigError(f"${SETUP_ENV}={chosen!r}: use small, large or auto")
         return SETUPS[chosen]
     return GPU_SETUP if (gpu() if on_gpu is None else on_gpu) else CPU_SETUP
 
@@ -129,7 +136,7 @@ def write_inputs(uri: str, rows: int, size: int, shards: int, seed: int = 0, ima
     from multiprocessing import get_context
 
     if image_format not in ("png", "jpeg"):
-        raise ValueError(f"image_format {image_format!r}: use png or jpeg")
+        raise ConfigError(f"image_format {image_format!r}: use png or jpeg")
     fs, root = storage.filesystem(uri, {})
     counts = [len(idx) for idx in np.array_split(np.arange(rows), shards)]
     jobs = [(sum(counts[:s]), n, size, seed, s, image_format) for s, n in enumerate(counts)]
@@ -249,9 +256,9 @@ class TimedPredictor:
     __init__ started and ended (`t_init`, `t_ready`), so the driver can tell the actor's start-up
     (process and imports, then loading the teacher) from its labelling."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, settings: PredictorSettings) -> None:
         self.init = [time.time()]
-        self.predictor = TeacherPredictor(**kwargs)
+        self.predictor = TeacherPredictor(settings)
         self.init.append(time.time())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -265,8 +272,8 @@ class TimedPredictor:
 
 def label_stage(mat, cfg: config.Config, teacher: str, plan: runtime.ActorPlan,
                 wait_for_actors: bool = False) -> dict[str, Any]:
-    """Run the teacher's actor pool over the materialised views as pipeline._run_pipeline does
-    (same predictor and arguments, batch size, pool and resources; TimedPredictor around it).
+    """Run the teacher's actor pool over the materialised views as generation does (the same
+    predictor_settings, batch size, pool and resources; TimedPredictor around the predictor).
 
     Returns rows, seconds (the execution's wall time, actor start included), startup_s (until
     the first batch started labelling; process_s of it until an actor's __init__ began, load_s
@@ -277,15 +284,10 @@ def label_stage(mat, cfg: config.Config, teacher: str, plan: runtime.ActorPlan,
     import ray.data
 
     t = next(t for t in cfg.teachers if t.name == teacher)
-    pre = config.preprocess_for(cfg, teacher)
+    settings = predictor_settings(cfg, t, plan, drop=[config.preprocess_for(cfg, teacher).pixels_column()])
     ds = mat.map_batches(
         TimedPredictor,
-        fn_constructor_kwargs={
-            "name": t.name, "arch": t.arch, "checkpoint": t.checkpoint,
-            "storage_options": cfg.cache.storage_options, "num_classes": cfg.data.num_classes,
-            "preprocess": pre, "column": pre.pixels_column(), "shard_ids": None, "num_threads": plan.threads,
-            "allow_import": cfg.allow_import, "precision": config.teacher_precision(t), "drop": [pre.pixels_column()],
-        },
+        fn_constructor_kwargs={"settings": settings},
         batch_size=t.batch_size,
         compute=ray.data.ActorPoolStrategy(size=plan.pool_size),
         num_cpus=plan.num_cpus,
@@ -409,6 +411,14 @@ def generation_throughput(workdir: str, size: float = 1, repeats: int = 3, arch:
         "plan": {"actors": plan.pool_size, "num_cpus": plan.num_cpus, "threads": plan.threads},
         # the same teacher on both sides: its logits by sample key, last round
         "max_abs_logit_diff": _max_diff(last["stage"]["keys"], last["stage"]["logits"], keys, last["plain"])}
+    out.update(_throughput_figures(runs))
+    return out
+
+
+def _throughput_figures(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """generation_throughput's figures from its runs per side (plain, stage, generate): each side's
+    summaries, the stage's start-up and busy share, generate()'s fixed cost, the ratios to plain."""
+    out: dict[str, Any] = {}
     for side, values in runs.items():
         out[side] = {"rows": [v["rows"] for v in values], "seconds": summary([v["seconds"] for v in values]),
                      "samples_per_s": summary([v["rows"] / v["seconds"] for v in values])}

@@ -4,7 +4,7 @@ three teachers) from an object store vs from local files, measured side by side.
 Both sides hold the same bytes: the digits as Parquet with PNG bytes (upsampled), `copies`
 times over, plus full soft labels of `teachers` synthetic teachers committed through the cache
 API. Each repeat streams the whole dataset once per side, alternating, through the same Ray
-Data path the student uses (`train.student_dataset`); the figure is samples per second, median
+Data path the student uses (`training.join.student_dataset`); the figure is samples per second, median
 with min and max, and the ratio remote / local.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 from kdpipe import config, storage
 from kdpipe.data import digits, inputs, readers
 from kdpipe.labels import cache, codec
+from kdpipe.training.join import JoinPlan, TeacherUnits, student_dataset
 
 
 def prepare(root: str, storage_options: dict[str, Any], copies: int, teachers: int, upsample: int,
@@ -47,18 +48,16 @@ def prepare(root: str, storage_options: dict[str, Any], copies: int, teachers: i
             records[shard.shard_id] = cache.write_unit(
                 fs, directory, {"shard_id": shard.shard_id, "uri": shard.uri, "token": shard.token},
                 payload, "parquet", keys, {})
-        units.append({"teacher": f"teacher{t}", "directory": fs.unstrip_protocol(directory),
-                      "storage_options": storage_options, "mode": "full", "format": "parquet", "k": None,
-                      "temperature": 4.0, "records": records})
+        units.append(TeacherUnits(teacher=f"teacher{t}", directory=fs.unstrip_protocol(directory),
+                                  storage_options=storage_options, mode="full", format="parquet", k=None,
+                                  temperature=4.0, augment=None, records=records))
     pre = config.preprocess_for(config.Config(data=data, teachers=[]))
     return {"source": source, "shards": shards, "units": units, "pre": pre}
 
 
 def _stream_once(side: dict[str, Any], batch_size: int) -> tuple[int, float]:
-    from kdpipe.training.join import student_dataset
-
     ds = student_dataset(side["source"], side["shards"], side["pre"], side["units"],
-                         {"temperatures": [4.0] * len(side["units"]), "num_classes": 10, "topk_k": None})
+                         JoinPlan(num_classes=10, temperatures=(4.0,) * len(side["units"])))
     started, rows = time.perf_counter(), 0
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
         rows += len(batch["x"])

@@ -23,6 +23,7 @@ from typing import Any
 
 from kdpipe import config, runtime, storage
 from kdpipe.bench.stats import summary
+from kdpipe.errors import ConfigError
 from kdpipe.generation import generate, regenerate
 from kdpipe.teachers import checkpoints
 
@@ -127,9 +128,9 @@ def run_all(workdir: str, size: float = 1.0, repeats: int = 2, parts: tuple[str,
         "p6": lambda: regeneration_cost(storage.join(workdir, "p6"), repeats, size),
         "p7": lambda: labelling.actor_scaling(storage.join(workdir, "p7"), size, repeats),
     }
-    unknown = sorted(set(parts) - set(steps))
+    unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise ValueError(f"benchmark parts {unknown} (--only): use some of {', '.join(steps)} (P5 comes with p3)")
+        raise ConfigError(f"benchmark parts {unknown} (--only): use some of {', '.join(PARTS)} (P5 comes with p3)")
     for part in parts:
         started = time.perf_counter()
         say(f"kdpipe bench all: {part} ...")

@@ -22,12 +22,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import kdpipe
-from kdpipe.config import Config, ConfigError, load_config, read_yaml_mapping
+from kdpipe.cli.common import Emit
+from kdpipe.config import Config, load_config, read_yaml_mapping
+from kdpipe.errors import ClusterUnreachable, ConfigError, StorageMissing
 
 JOBS = ("generate", "train", "regenerate", "benchmark")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -36,8 +38,6 @@ CONFIG_NAME = "config.yaml"  # the config's name inside the job's working dir
 _SECRET = re.compile(r"(^|[_\-.])(key|secret|token|password|passwd|credentials?|connection_string)($|[_\-.])",
                      re.IGNORECASE)
 _RAY_ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's client lets these win over its argument
-
-Emit = Callable[[argparse.Namespace, dict, str], None]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -80,16 +80,16 @@ def find_job_file(job: str) -> Path:
     if job.endswith(".py"):
         path = Path(job)
         if not path.is_file():
-            raise ValueError(f"job file {job!r} does not exist")
+            raise StorageMissing(f"job file {job!r} does not exist")
         return path
     if job not in JOBS:
-        raise ValueError(f"unknown job {job!r}: use one of {', '.join(JOBS)} or a path to a jobs/*.py file")
+        raise ConfigError(f"unknown job {job!r}: use one of {', '.join(JOBS)} or a path to a jobs/*.py file")
     dirs = list(dict.fromkeys([Path(kdpipe.__file__).resolve().parent.parent / "jobs", Path.cwd() / "jobs"]))
     for d in dirs:
         if (d / f"{job}.py").is_file():
             return d / f"{job}.py"
-    raise ValueError(f"jobs/{job}.py not found in {', '.join(map(str, dirs))}: run kdpipe submit from a "
-                     "kdpipe checkout, or give the entry point's path")
+    raise StorageMissing(f"jobs/{job}.py not found in {', '.join(map(str, dirs))}: run kdpipe submit from a "
+                         "kdpipe checkout, or give the entry point's path")
 
 
 def secret_keys(options: Any, prefix: str) -> list[str]:
@@ -109,14 +109,14 @@ def secret_keys(options: Any, prefix: str) -> list[str]:
 
 
 def check_no_secrets(cfg: Config, runtime_env: dict[str, Any] | None = None) -> None:
-    """Raise ValueError naming every credential the config's storage_options or the runtime env's
+    """Raise ConfigError naming every credential the config's storage_options or the runtime env's
     env_vars would carry to the cluster."""
     found = secret_keys(cfg.data.storage_options, "data.storage_options")
     found += secret_keys(cfg.cache.storage_options, "cache.storage_options")
     env = (runtime_env or {}).get("env_vars") or {}
     found += [f"runtime env env_vars.{k}" for k in env if _SECRET.search(str(k))]
     if found:
-        raise ValueError(
+        raise ConfigError(
             f"refusing to submit credentials to the cluster ({', '.join(found)}): a job's config, "
             "entrypoint and runtime env are stored in the cluster and shown on its dashboard. Remove them "
             "and give the cluster the credentials instead: the nodes' environment (AWS_ACCESS_KEY_ID, "
@@ -128,7 +128,7 @@ def load_runtime_env(path: str | None) -> dict[str, Any]:
     """A runtime env YAML file as a dict (its working_dir and excludes dropped: we stage our own)."""
     if path is None:
         return {}
-    env = read_yaml_mapping(path, "runtime env file", ValueError)
+    env = read_yaml_mapping(path, "runtime env file (--runtime-env)")
     return {k: v for k, v in env.items() if k not in ("working_dir", "excludes")}
 
 
@@ -197,7 +197,7 @@ def _without_address_env() -> Iterator[None]:
 
 
 def connect(address: str):
-    """A JobSubmissionClient for `address`; ConnectionError (naming it) when nothing answers there."""
+    """A JobSubmissionClient for `address`; ClusterUnreachable (naming it) when nothing answers there."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -206,9 +206,9 @@ def connect(address: str):
         with _without_address_env():
             return JobSubmissionClient(address)
     except AuthenticationError as e:
-        raise ConnectionError(f"the Ray cluster at {address!r} refused the connection: {e}") from None
+        raise ClusterUnreachable(f"the Ray cluster at {address!r} refused the connection: {e}") from None
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ConnectionError(
+        raise ClusterUnreachable(
             f"cannot reach a Ray cluster's Jobs API at {address!r} ({e}): start one (`ray start --head`, "
             "`ray up infra/cluster.yaml`) or point --address (or RAY_ADDRESS) at its dashboard, "
             f"e.g. {DEFAULT_ADDRESS}") from None
@@ -248,19 +248,12 @@ def follow(client, submission_id: str, out=None, poll_s: float = 1.0):
 
 
 def run(args: argparse.Namespace, emit: Emit) -> int:
-    """`kdpipe submit`; `emit(args, obj, text)` prints the result (kdpipe.cli._emit)."""
-    try:
-        return _submit(args, emit)
-    except (ConfigError, ValueError, OSError) as e:  # OSError: ConnectionError, requests' errors
-        print(f"kdpipe submit: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _submit(args: argparse.Namespace, emit: Emit) -> int:
+    """`kdpipe submit`; `emit(args, obj, text)` prints the result (kdpipe.cli.common.emit). Bad
+    arguments, a bad config and no cluster at the address raise a KdpipeError (the CLI exits 2)."""
     overrides = ([f"workdir={args.workdir}"] if args.workdir else []) + list(args.overrides)
     job_file = find_job_file(args.job)
     if not os.path.isfile(args.config):
-        raise ValueError(f"config file {args.config!r} does not exist")
+        raise StorageMissing(f"config file {args.config!r} does not exist")
     cfg = load_config(args.config, ["ray.address=auto", *overrides])  # exactly what the job will load
     extra = load_runtime_env(args.runtime_env)
     check_no_secrets(cfg, extra)
@@ -280,8 +273,11 @@ def _submit(args: argparse.Namespace, emit: Emit) -> int:
         try:
             submission_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                               submission_id=args.submission_id, metadata=metadata)
-        except (RuntimeError, RayError) as e:  # e.g. a submission id already used, a bad runtime env
-            raise ValueError(f"the cluster at {address} refused the job: {e}") from None
+        except (RuntimeError, ValueError, RayError) as e:  # e.g. a submission id already used, a bad runtime env
+            raise ConfigError(f"the cluster at {address} refused the job: {e}") from None
+        except OSError as e:  # requests' connection errors: the head went away since connect()
+            raise ClusterUnreachable(f"the Ray cluster at {address!r} stopped answering while the job was "
+                                     f"submitted ({e}); check it and submit again") from None
     result = {"submission_id": submission_id, "address": address, "job": job, "entrypoint": entrypoint}
     if not args.wait:
         print(f"kdpipe submit: {job} submitted to {address}; follow it with `ray job logs --address "
@@ -290,16 +286,25 @@ def _submit(args: argparse.Namespace, emit: Emit) -> int:
         return 0
     print(f"kdpipe submit: {job} submitted to {address} as {submission_id}; streaming its logs "
           "(Ctrl-C stops following, not the job)", file=sys.stderr)
+    return _wait(client, address, submission_id, args, result, emit)
+
+
+def _wait(client, address: str, submission_id: str, args: argparse.Namespace, result: dict[str, Any],
+          emit: Emit) -> int:
+    """Follow the job to its end: 0 if it SUCCEEDED, 1 if not, 130 when the user stops following."""
     try:
         info = follow(client, submission_id)
     except KeyboardInterrupt:
         print(f"\nkdpipe submit: stopped following; {submission_id} keeps running (`ray job stop "
               f"--address {address} {submission_id}` stops it)", file=sys.stderr)
         return 130
+    except OSError as e:  # requests' connection errors: the head went away
+        raise ClusterUnreachable(f"lost the Ray cluster at {address!r} while following {submission_id} ({e}); "
+                                 f"the job may still run: `ray job status --address {address} "
+                                 f"{submission_id}`") from None
     status = str(info.status)
     seconds = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
     result.update(status=status, message=info.message or "", driver_exit_code=info.driver_exit_code,
                   seconds=seconds)
     emit(args, result, f"{submission_id} {status}: {info.message or ''}".rstrip())
     return 0 if status == "SUCCEEDED" else 1
-

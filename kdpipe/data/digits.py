@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from kdpipe import storage
 from kdpipe.data import images
+from kdpipe.errors import ConfigError, InputError
 
 DATASET_RECORD = "_dataset.json"
 LAYOUTS = ("parquet", "parquet-png", "webdataset", "imagefolder")
@@ -87,7 +88,7 @@ def ensure_digits(train_uri: str, holdout_uri: str, storage_options: dict[str, A
     from sklearn.datasets import load_digits
 
     if layout not in LAYOUTS:
-        raise ValueError(f"digits layout {layout!r}: use one of {LAYOUTS}")
+        raise ConfigError(f"digits layout {layout!r}: use one of {LAYOUTS}")
     settings = {"name": "digits", "num_shards": num_shards, "holdout_fraction": holdout_fraction,
                 "seed": seed}
     if layout != "parquet" or upsample != 1:
@@ -98,7 +99,7 @@ def ensure_digits(train_uri: str, holdout_uri: str, storage_options: dict[str, A
     if all(fs.exists(r) for r in records):
         for r in records:
             if storage.read_json(fs, r).get("settings") != settings:
-                raise ValueError(
+                raise InputError(
                     f"{r} was written with other settings than {settings}: "
                     "use another workdir or data path, or delete the old data"
                 )

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from kdpipe.errors import InputError
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
 
 
@@ -79,7 +81,7 @@ def make_preprocess(image_shape: list[int], resize: Any, scale: float, mean: lis
                       tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
 
-class DecodeError(ValueError):
+class DecodeError(InputError):
     """Bytes that are not a readable image (the message says why)."""
 
 
@@ -128,7 +130,7 @@ def _channels(img: np.ndarray, channels: int) -> np.ndarray:
         return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
     if channels == 3 and c == 1:
         return np.repeat(img, 3, axis=-1)
-    raise ValueError(f"cannot convert a {c}-channel image to {channels} channels")
+    raise InputError(f"cannot convert a {c}-channel image to {channels} channels")
 
 
 def _resize(img: np.ndarray, resize: Any) -> np.ndarray:
@@ -151,7 +153,7 @@ def _crop(img: np.ndarray, size: list[int]) -> np.ndarray:
     h, w = img.shape[-3:-1]
     th, tw = size
     if h < th or w < tw:
-        raise ValueError(f"image is {h}x{w}, smaller than the model input {th}x{tw}: set a `resize` in the preprocessing")
+        raise InputError(f"image is {h}x{w}, smaller than the model input {th}x{tw}: set a `resize` in the preprocessing")
     top, left = (h - th) // 2, (w - tw) // 2
     return img[..., top:top + th, left:left + tw, :]
 

@@ -21,13 +21,17 @@ import json
 import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdpipe import storage
 from kdpipe.data import images
+from kdpipe.errors import InputError, StorageMissing
+
+if TYPE_CHECKING:
+    from kdpipe.config import DataConfig
 
 WDS_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 
@@ -54,44 +58,66 @@ def make_shard_id(relpath: str, token: dict[str, Any]) -> str:
     return f"{_safe_stem(relpath)}-{digest}"
 
 
-def source_spec(data, check_holdout: bool = True) -> dict[str, Any]:
-    """The plain-dict description of how to read the inputs (it travels to Ray tasks).
+@dataclass(frozen=True)
+class SourceSpec:
+    """How to read the inputs: built once on the driver from data.* (source_spec) and sent, pickled,
+    to every read task. Frozen, so a task cannot change what the others read."""
 
-    `data` is a config.DataConfig. For imagefolder without data.class_names, the class list is
-    the train split's folders, and the held-out split must have the same ones."""
-    spec = {"format": data.format, "storage_options": dict(data.storage_options),
-            "key_column": data.key_column, "image_column": data.image_column,
-            "label_column": data.label_column, "pixel_shape": list(data.pixel_shape or data.image_shape),
-            "class_names": list(data.class_names), "num_classes": int(data.num_classes),
-            "on_bad_sample": data.on_bad_sample, "files_per_shard": int(data.files_per_shard)}
+    format: str  # data.format: parquet | webdataset | imagefolder
+    storage_options: dict[str, Any] = field(hash=False)  # data.storage_options (never hashed: a dict)
+    key_column: str  # parquet only
+    image_column: str  # parquet only
+    label_column: str | None  # None: label-free data
+    pixel_shape: tuple[int, ...]  # [C, H, W] of pixel-list Parquet (data.pixel_shape or data.image_shape)
+    class_names: tuple[str, ...]  # imagefolder: the class folders in label order; else display names
+    num_classes: int
+    on_bad_sample: str  # error | skip
+    files_per_shard: int  # imagefolder: files per input shard
+
+
+def source_spec(data: DataConfig, check_holdout: bool = True) -> SourceSpec:
+    """How to read the inputs of `data`. For imagefolder without data.class_names, the class list
+    is the train split's folders, and the held-out split must have the same ones."""
+    names = list(data.class_names)
     if data.format == "imagefolder":
-        found = class_folders(data.train, data.storage_options)
-        if check_holdout and data.holdout:
-            held = class_folders(data.holdout, data.storage_options)
-            if held != found:
-                raise ValueError(
-                    f"class folders differ between data.train ({data.train}) and data.holdout ({data.holdout}): "
-                    f"only in train {sorted(set(found) - set(held))}, only in held-out {sorted(set(held) - set(found))}; "
-                    "labels would mean different classes: make the folders match or set data.class_names")
-        names = spec["class_names"] or found
-        unknown = sorted(set(found) - set(names))
-        if unknown:
-            raise ValueError(f"class folders {unknown[:5]} in {data.train} are not in data.class_names")
-        if len(names) != data.num_classes:
-            raise ValueError(f"{data.train} has {len(names)} class folders {names[:5]}..., "
-                             f"data.num_classes is {data.num_classes}: set data.num_classes={len(names)}")
-        spec["class_names"] = names
-    return spec
+        names = _imagefolder_classes(data, check_holdout)
+    return SourceSpec(format=data.format, storage_options=dict(data.storage_options),
+                      key_column=data.key_column, image_column=data.image_column,
+                      label_column=data.label_column, pixel_shape=tuple(data.pixel_shape or data.image_shape),
+                      class_names=tuple(names), num_classes=int(data.num_classes),
+                      on_bad_sample=data.on_bad_sample, files_per_shard=int(data.files_per_shard))
 
 
-def fingerprint(shards: list[InputShard], source: dict[str, Any]) -> str:
+def _imagefolder_classes(data: DataConfig, check_holdout: bool) -> list[str]:
+    """The class names of an ImageFolder dataset: data.class_names, else the train split's folders."""
+    found = class_folders(data.train, data.storage_options)
+    if check_holdout and data.holdout:
+        held = class_folders(data.holdout, data.storage_options)
+        if held != found:
+            raise InputError(
+                f"class folders differ between data.train ({data.train}) and data.holdout ({data.holdout}): "
+                f"only in train {sorted(set(found) - set(held))}, only in held-out {sorted(set(held) - set(found))}; "
+                "labels would mean different classes: make the folders match or set data.class_names")
+    names = list(data.class_names) or found
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise InputError(f"class folders {unknown[:5]} in {data.train} are not in data.class_names")
+    if len(names) != data.num_classes:
+        raise InputError(f"{data.train} has {len(names)} class folders {names[:5]}..., "
+                         f"data.num_classes is {data.num_classes}: set data.num_classes={len(names)}")
+    return names
+
+
+def fingerprint(shards: list[InputShard], source: SourceSpec) -> str:
     """Dataset fingerprint: the sorted shard list (ids carry path + version) and what decides
-    which samples, keys and labels come out of them."""
-    what = {k: source[k] for k in ("format", "key_column", "image_column", "label_column")}
-    if source["format"] == "parquet":
-        what["pixel_shape"] = source["pixel_shape"]
-    if source["format"] == "imagefolder":  # the folder order is the label; elsewhere names are display only
-        what["class_names"] = source["class_names"]
+    which samples, keys and labels come out of them. It names cache directories: the JSON hashed
+    here must stay byte for byte what it was (lists, not tuples, are what it always held)."""
+    what: dict[str, Any] = {"format": source.format, "key_column": source.key_column,
+                            "image_column": source.image_column, "label_column": source.label_column}
+    if source.format == "parquet":
+        what["pixel_shape"] = list(source.pixel_shape)
+    if source.format == "imagefolder":  # the folder order is the label; elsewhere names are display only
+        what["class_names"] = list(source.class_names)
     body = json.dumps({"shards": sorted(s.shard_id for s in shards), "source": what}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
@@ -99,11 +125,13 @@ def fingerprint(shards: list[InputShard], source: dict[str, Any]) -> str:
 def _listing(uri: str, storage_options: dict[str, Any]) -> tuple[Any, str, dict[str, dict[str, Any]]]:
     fs, root = storage.filesystem(uri, storage_options)
     try:
-        if not fs.exists(root):
-            raise FileNotFoundError(f"input dataset {uri!r} does not exist: check data.train / data.holdout")
-        found = fs.find(root, detail=True)
+        found = fs.find(root, detail=True) if fs.exists(root) else None
     except PermissionError as e:
-        raise storage.access_denied(uri, e) from None
+        raise storage.access_denied(uri, e, key="data.train / data.holdout", options="data.storage_options") from None
+    except FileNotFoundError:  # fsspec's own: the bucket or folder went away while being listed
+        found = None
+    if found is None:
+        raise StorageMissing(f"input dataset {uri!r} does not exist: check data.train / data.holdout")
     root = root.rstrip("/")
     files = {p: info for p, info in found.items()
              if info.get("type", "file") != "directory" and not posixpath.basename(p).startswith((".", "_"))}
@@ -118,11 +146,11 @@ def class_folders(uri: str, storage_options: dict[str, Any]) -> list[str]:
         rel = path[len(root) + 1:]
         if _is_image(rel):
             if "/" not in rel:
-                raise ValueError(f"image {uri.rstrip('/')}/{rel} is not inside a class folder: ImageFolder "
+                raise InputError(f"image {uri.rstrip('/')}/{rel} is not inside a class folder: ImageFolder "
                                  "datasets keep each class's images under <root>/<class>/")
             classes.add(rel.split("/", 1)[0])
     if not classes:
-        raise ValueError(f"input dataset {uri!r} holds no images in class folders (<root>/<class>/x.png)")
+        raise InputError(f"input dataset {uri!r} holds no images in class folders (<root>/<class>/x.png)")
     return sorted(classes)
 
 
@@ -130,10 +158,10 @@ def _is_image(path: str) -> bool:
     return path.rsplit(".", 1)[-1].lower() in images.IMAGE_EXTENSIONS
 
 
-def list_shards(uri: str, source: dict[str, Any]) -> list[InputShard]:
+def list_shards(uri: str, source: SourceSpec) -> list[InputShard]:
     """The input shards under `uri`, sorted by path; errors name the URI."""
-    fmt = source["format"]
-    fs, root, files = _listing(uri, source["storage_options"])
+    fmt = source.format
+    fs, root, files = _listing(uri, source.storage_options)
     shards: list[InputShard] = []
     if fmt == "imagefolder":
         by_class: dict[str, list[str]] = {}
@@ -142,7 +170,7 @@ def list_shards(uri: str, source: dict[str, Any]) -> list[InputShard]:
             if _is_image(rel) and "/" in rel:
                 by_class.setdefault(rel.split("/", 1)[0], []).append(path)
         for cls, paths in sorted(by_class.items()):
-            step = source["files_per_shard"]
+            step = source.files_per_shard
             for c, start in enumerate(range(0, len(paths), step)):
                 chunk = paths[start:start + step]
                 rels = tuple(p[len(root) + 1:] for p in chunk)
@@ -155,14 +183,14 @@ def list_shards(uri: str, source: dict[str, Any]) -> list[InputShard]:
         for path in sorted(p for p in files if p.endswith(suffixes)):
             token = storage.token_from_info(files[path])
             num_rows = _parquet_rows(fs, path) if fmt == "parquet" else None
-            if num_rows == 0 and source["on_bad_sample"] != "skip":
-                raise ValueError(f"input shard {fs.unstrip_protocol(path)!r} is empty: remove it from the dataset "
+            if num_rows == 0 and source.on_bad_sample != "skip":
+                raise InputError(f"input shard {fs.unstrip_protocol(path)!r} is empty: remove it from the dataset "
                                  "(or set data.on_bad_sample: skip to record it and go on)")
             relpath = path[len(root) + 1:]
             shards.append(InputShard(make_shard_id(relpath, token), fs.unstrip_protocol(path), num_rows, token))
     if not shards:
         what = {"parquet": ".parquet files", "webdataset": ".tar files", "imagefolder": "images"}[fmt]
-        raise ValueError(f"input dataset {uri!r} holds no {what} (data.format={fmt})")
+        raise InputError(f"input dataset {uri!r} holds no {what} (data.format={fmt})")
     ids = [s.shard_id for s in shards]
     assert len(set(ids)) == len(ids), "shard ids collide"
     return shards
@@ -173,7 +201,7 @@ def _parquet_rows(fs, path: str) -> int:
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata.num_rows
     except PermissionError as e:
-        raise storage.access_denied(fs.unstrip_protocol(path), e) from None
+        raise storage.access_denied(fs.unstrip_protocol(path), e, options="data.storage_options") from None
     except (pa.ArrowInvalid, OSError) as e:
-        raise ValueError(f"input shard {fs.unstrip_protocol(path)!r} is not a readable Parquet file ({e}): "
+        raise InputError(f"input shard {fs.unstrip_protocol(path)!r} is not a readable Parquet file ({e}): "
                          "re-create or remove it") from e

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from kdpipe import storage
 from kdpipe.data import images
-from kdpipe.data.inputs import InputShard, list_shards
+from kdpipe.data.inputs import InputShard, SourceSpec, list_shards
+from kdpipe.errors import InputError
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Samples:
 class _Collector:
     """Applies the bad-sample policy while a shard is read."""
 
-    def __init__(self, shard: InputShard, source: dict[str, Any]) -> None:
+    def __init__(self, shard: InputShard, source: SourceSpec) -> None:
         self.shard, self.source = shard, source
         self.keys: list[str] = []
         self.images: list[np.ndarray] = []
@@ -44,10 +45,10 @@ class _Collector:
         self.skipped: list[dict[str, str]] = []
 
     def bad(self, key: str, reason: str) -> None:
-        if self.source["on_bad_sample"] == "skip":
+        if self.source.on_bad_sample == "skip":
             self.skipped.append({"key": key, "reason": reason})
             return
-        raise ValueError(f"input shard {self.shard.uri}: sample {key!r}: {reason}; fix or remove it, "
+        raise InputError(f"input shard {self.shard.uri}: sample {key!r}: {reason}; fix or remove it, "
                          "or set data.on_bad_sample: skip to drop such samples (they are listed in the manifest)")
 
     def label(self, key: str, value: Any) -> int | None:
@@ -59,8 +60,8 @@ class _Collector:
         except (TypeError, ValueError):
             self.bad(key, f"label {value!r} is not a class index")
             return None
-        if not 0 <= y < self.source["num_classes"]:
-            self.bad(key, f"label {y} is outside [0, data.num_classes={self.source['num_classes']})")
+        if not 0 <= y < self.source.num_classes:
+            self.bad(key, f"label {y} is outside [0, data.num_classes={self.source.num_classes})")
             return None
         return y
 
@@ -93,42 +94,42 @@ def _check_unique(keys: list[str], shard: InputShard) -> None:
                 dup = k
                 break
             seen.add(k)
-        raise ValueError(f"input shard {shard.uri}: sample key {dup!r} appears more than once; keys must be unique")
+        raise InputError(f"input shard {shard.uri}: sample key {dup!r} appears more than once; keys must be unique")
 
 
-def read_samples(shard: InputShard, source: dict[str, Any]) -> Samples:
+def read_samples(shard: InputShard, source: SourceSpec) -> Samples:
     """Read and decode one input shard; bad samples raise or are skipped per the source's policy."""
     try:
-        reader = {"parquet": _read_parquet, "webdataset": _read_tar, "imagefolder": _read_folder}[source["format"]]
+        reader = {"parquet": _read_parquet, "webdataset": _read_tar, "imagefolder": _read_folder}[source.format]
         samples = reader(shard, source)
     except PermissionError as e:
-        raise storage.access_denied(shard.uri, e) from None
+        raise storage.access_denied(shard.uri, e, options="data.storage_options") from None
     if not samples.keys and not samples.skipped:
         samples.skipped.append({"key": "", "reason": "empty shard"})
-        if source["on_bad_sample"] != "skip":
-            raise ValueError(f"input shard {shard.uri!r} is empty: remove it from the dataset "
+        if source.on_bad_sample != "skip":
+            raise InputError(f"input shard {shard.uri!r} is empty: remove it from the dataset "
                              "(or set data.on_bad_sample: skip to record it and go on)")
     return samples
 
 
-def _read_parquet(shard: InputShard, source: dict[str, Any]) -> Samples:
-    key_col, image_col, label_col = source["key_column"], source["image_column"], source["label_column"]
-    fs, path = storage.filesystem(shard.uri, source["storage_options"])
+def _read_parquet(shard: InputShard, source: SourceSpec) -> Samples:
+    key_col, image_col, label_col = source.key_column, source.image_column, source.label_column
+    fs, path = storage.filesystem(shard.uri, source.storage_options)
     try:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
     except (pa.ArrowInvalid, OSError) as e:
         if isinstance(e, PermissionError):
             raise
-        raise ValueError(f"input shard {shard.uri!r} is not a readable Parquet file ({e}): re-create or remove it") from e
+        raise InputError(f"input shard {shard.uri!r} is not a readable Parquet file ({e}): re-create or remove it") from e
     for col, key in ((key_col, "data.key_column"), (image_col, "data.image_column"), (label_col, "data.label_column")):
         if col is not None and col not in table.column_names:
             hint = " (set data.label_column: null for label-free data)" if key == "data.label_column" else ""
-            raise ValueError(f"input shard {shard.uri!r} has no column {col!r} ({key}); its columns are "
+            raise InputError(f"input shard {shard.uri!r} has no column {col!r} ({key}); its columns are "
                              f"{table.column_names}{hint}")
     keys = table.column(key_col).to_pylist()
     if any(k is None for k in keys):
-        raise ValueError(f"input shard {shard.uri!r}: column {key_col!r} has null keys; every sample needs a key")
+        raise InputError(f"input shard {shard.uri!r}: column {key_col!r} has null keys; every sample needs a key")
     keys = [str(k) for k in keys]
     ys = table.column(label_col).to_pylist() if label_col else [None] * len(keys)
     column = table.column(image_col).combine_chunks()
@@ -138,7 +139,7 @@ def _read_parquet(shard: InputShard, source: dict[str, Any]) -> Samples:
     if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
         column = column.field("bytes")
     elif not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-        raise ValueError(f"input shard {shard.uri!r}: column {image_col!r} has type {kind}; use encoded image bytes, "
+        raise InputError(f"input shard {shard.uri!r}: column {image_col!r} has type {kind}; use encoded image bytes, "
                          "a {bytes, path} struct, or a list of uint8 pixels")
     out = _Collector(shard, source)
     for key, data, y in zip(keys, column.to_pylist(), ys, strict=True):
@@ -146,12 +147,12 @@ def _read_parquet(shard: InputShard, source: dict[str, Any]) -> Samples:
     return out.samples(label_col is not None)
 
 
-def _pixel_samples(shard: InputShard, source: dict[str, Any], keys: list[str], ys: list[Any],
+def _pixel_samples(shard: InputShard, source: SourceSpec, keys: list[str], ys: list[Any],
                    column: pa.Array) -> Samples:
     """Pixel lists (like the built-in digits) -> one vectorised [N, H, W, C] uint8 array."""
-    c, h, w = source["pixel_shape"]
+    c, h, w = source.pixel_shape
     n = c * h * w
-    labelled = source["label_column"] is not None
+    labelled = source.label_column is not None
     out = _Collector(shard, source)
     valid = column.is_valid().to_numpy(zero_copy_only=False)
     if pa.types.is_fixed_size_list(column.type):
@@ -176,7 +177,7 @@ def _pixel_samples(shard: InputShard, source: dict[str, Any], keys: list[str], y
     idx = np.asarray(good, dtype=np.int64)
     pixels = values[starts[idx][:, None] + np.arange(n)[None, :]] if len(idx) else np.zeros((0, n), np.uint8)
     if pixels.dtype.kind not in "iu" or (pixels.size and (pixels.min() < 0 or pixels.max() > 255)):
-        raise ValueError(f"input shard {shard.uri!r}: pixel values must be integers in 0..255 (uint8); "
+        raise InputError(f"input shard {shard.uri!r}: pixel values must be integers in 0..255 (uint8); "
                          "store uint8 pixels or encoded image bytes")
     keys = [keys[i] for i in good]
     _check_unique(keys, shard)
@@ -184,10 +185,10 @@ def _pixel_samples(shard: InputShard, source: dict[str, Any], keys: list[str], y
     return Samples(keys, arr, np.asarray(good_y, np.int64) if labelled else None, out.skipped)
 
 
-def _read_tar(shard: InputShard, source: dict[str, Any]) -> Samples:
+def _read_tar(shard: InputShard, source: SourceSpec) -> Samples:
     """A WebDataset tar, streamed member by member (never listed or extracted to disk)."""
-    fs, path = storage.filesystem(shard.uri, source["storage_options"])
-    labelled = source["label_column"] is not None
+    fs, path = storage.filesystem(shard.uri, source.storage_options)
+    labelled = source.label_column is not None
     out = _Collector(shard, source)
     seen: set[str] = set()
     current: str | None = None
@@ -197,7 +198,7 @@ def _read_tar(shard: InputShard, source: dict[str, Any]) -> Samples:
         if current is None:
             return
         if current in seen:
-            raise ValueError(f"input shard {shard.uri}: sample key {current!r} appears more than once "
+            raise InputError(f"input shard {shard.uri}: sample key {current!r} appears more than once "
                              "(its members are not contiguous, or the key repeats); keys must be unique")
         seen.add(current)
         image = next((members[e] for e in images.IMAGE_EXTENSIONS if e in members), None)
@@ -226,32 +227,32 @@ def _read_tar(shard: InputShard, source: dict[str, Any]) -> Samples:
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         if isinstance(e, PermissionError):
             raise
-        raise ValueError(f"input shard {shard.uri!r} is a truncated or corrupt tar file after {len(seen)} samples "
+        raise InputError(f"input shard {shard.uri!r} is a truncated or corrupt tar file after {len(seen)} samples "
                          f"({type(e).__name__}: {e}): re-create it") from e
     return out.samples(labelled)
 
 
-def _read_folder(shard: InputShard, source: dict[str, Any]) -> Samples:
+def _read_folder(shard: InputShard, source: SourceSpec) -> Samples:
     """Up to files_per_shard files of one class folder, fetched concurrently (fs.cat on a list)."""
-    fs, root = storage.filesystem(shard.root, source["storage_options"])
+    fs, root = storage.filesystem(shard.root, source.storage_options)
     paths = [f"{root.rstrip('/')}/{rel}" for rel in shard.members]
     fetched = fs.cat(paths, on_error="return")
-    class_index = {name: i for i, name in enumerate(source["class_names"])}
-    labelled = source["label_column"] is not None
+    class_index = {name: i for i, name in enumerate(source.class_names)}
+    labelled = source.label_column is not None
     out = _Collector(shard, source)
     for rel, path in zip(shard.members, paths, strict=True):
         data = fetched.get(path) if isinstance(fetched, dict) else fetched
         if isinstance(data, PermissionError):
             raise data
         if isinstance(data, FileNotFoundError) or data is None:
-            raise ValueError(f"input shard {shard.uri}: file {rel!r} was listed but is gone; rerun to list the dataset again")
+            raise InputError(f"input shard {shard.uri}: file {rel!r} was listed but is gone; rerun to list the dataset again")
         if isinstance(data, Exception):
-            raise ValueError(f"input shard {shard.uri}: file {rel!r} could not be read ({data})") from data
+            raise InputError(f"input shard {shard.uri}: file {rel!r} could not be read ({data})") from data
         out.add(rel, data, class_index.get(rel.split("/", 1)[0]), labelled)
     return out.samples(labelled)
 
 
-def load_split(uri: str, source: dict[str, Any], preprocess: images.Preprocess, max_rows: int | None = None,
+def load_split(uri: str, source: SourceSpec, preprocess: images.Preprocess, max_rows: int | None = None,
                ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
     """A whole (small) split in memory: keys, x [N, *image_shape] float32 (preprocessed), labels [N]
     or None; with max_rows, the shards' first rows up to that many. For teacher training and
@@ -274,7 +275,7 @@ def cut_geometry(samples: Samples, geometry: dict[str, Any], shard: InputShard) 
     try:
         return images.apply_geometry(samples.images, geometry)
     except ValueError as e:
-        raise ValueError(f"input shard {shard.uri}: {e}") from e
+        raise InputError(f"input shard {shard.uri}: {e}") from e
 
 
 PLACEHOLDER = "placeholder"  # a row standing for a shard with no usable samples (never labelled)
@@ -295,7 +296,7 @@ def sample_params(keys: list[str], augment: dict[str, Any]) -> np.ndarray:
                      for k in keys])
 
 
-def read_teacher_inputs(batch: dict[str, np.ndarray], source: dict[str, Any], shards: dict[str, InputShard],
+def read_teacher_inputs(batch: dict[str, np.ndarray], source: SourceSpec, shards: dict[str, InputShard],
                geometries: dict[str, dict[str, Any]], augment: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Generation's read step: one input shard -> rows with sample_key, shard_id, shard_rows,
     skipped (the shard's skip list as JSON on its first row), placeholder, label (when labelled)
@@ -339,7 +340,7 @@ def read_teacher_inputs(batch: dict[str, np.ndarray], source: dict[str, Any], sh
                "shard_rows": np.zeros(1, np.int64), PLACEHOLDER: np.ones(1, bool)}
         for name, g in geometries.items():
             out[name] = np.zeros((1, g["channels"], *g["size"]), np.uint8)
-        if source["label_column"] is not None:
+        if source.label_column is not None:
             out["label"] = np.zeros(1, np.int64)
         if augment:
             out["aug"] = np.zeros((1, 5), np.float32)

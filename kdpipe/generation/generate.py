@@ -16,6 +16,7 @@ from kdpipe.config import Config, teacher_precision
 from kdpipe.generation.pipeline import _run_pipeline
 from kdpipe.generation.planning import Inventory, inventory
 from kdpipe.labels import cache
+from kdpipe.teachers.checkpoints import TeacherInfo
 
 log = logging.getLogger("kdpipe")
 
@@ -58,48 +59,66 @@ def generate(cfg: Config, progress: bool = True, inv: Inventory | None = None) -
     `inv`: an inventory just taken (kdpipe regenerate's plan), to not take it twice."""
     started = time.time()
     inv = inv or inventory(cfg)
-    infos, source, shards, fingerprint, fs, root, dirs, done = (inv.infos, inv.source, inv.shards, inv.fingerprint,
-                                                                inv.fs, inv.root, inv.dirs, inv.done)
-    settings, label_hash = inv.settings, inv.label_hash
-    results = {i.name: TeacherResult(i.name, i.digest, fs.unstrip_protocol(dirs[i.name]), len(shards),
-                                     metrics=i.metrics) for i in infos}
-    for name, directory in dirs.items():
-        for sid, record in inv.reusable[name].items():
-            storage.write_json(fs, cache.unit_record_path(directory, sid), record)
-            done[name][sid] = record
-            results[name].units_reused += 1
-    missing = {name: [s.shard_id for s in shards if s.shard_id not in done[name]] for name in dirs}
-    todo = {name: ids for name, ids in missing.items() if ids}
-    for name in dirs:
-        log.info("teacher %s: %d of %d units committed (%d reused), %d to label", name,
-                 len(done[name]), len(shards), results[name].units_reused, len(missing[name]))
-
+    results = {i.name: TeacherResult(i.name, i.digest, inv.fs.unstrip_protocol(inv.dirs[i.name]), len(inv.shards),
+                                     metrics=i.metrics) for i in inv.infos}
+    _reference_reusable_units(inv, results)
+    todo = _units_to_label(inv, results)
     if todo:
-        by_id = {s.shard_id: s for s in shards}
-        needed = sorted({sid for ids in todo.values() for sid in ids})
-        new_units = _run_pipeline(cfg, source, [by_id[s] for s in needed], todo, fs, dirs, progress)
-        for name, recs in new_units.items():
-            done[name].update(recs)
-            results[name].units_written = len(recs)
-            results[name].rows_labelled = sum(r["rows"] for r in recs.values())
-
-    teacher_by_name = {i.name: i for i in infos}
+        _label_missing(cfg, inv, todo, results, progress)
     precision = {t.name: teacher_precision(t) for t in cfg.teachers}
-    for name, directory in dirs.items():
-        units = [done[name][s.shard_id] for s in shards]
-        manifest = cache.read_manifest(fs, directory)
-        if manifest is None or results[name].units_written or results[name].units_reused:
-            info = teacher_by_name[name]
-            teacher_meta = {"name": name, "arch": info.arch, "digest": info.digest,
-                            "checkpoint": info.checkpoint, "checkpoint_sha256": info.checkpoint_sha256,
-                            "metrics": info.metrics, "precision": precision[name]}
-            manifest = cache.build_manifest(teacher_meta, fingerprint, cfg.data.train, settings[name], units)
-            storage.write_json(fs, storage.join(directory, cache.MANIFEST), manifest)
-        results[name].quality = manifest["quality"]
-        ref = {"teacher": name, "digest": teacher_by_name[name].digest, "fingerprint": fingerprint,
-               "label_hash": label_hash[name], "manifest": storage.join(fs.unstrip_protocol(directory), cache.MANIFEST)}
-        old = cache.read_ref(fs, root, name)
-        if old is None or any(old.get(k) != v for k, v in ref.items()):  # a rerun with no change moves nothing
-            cache.write_ref(fs, root, name, {**ref, "updated_at": time.time(),
+    for info in inv.infos:
+        _commit_manifest_and_ref(cfg, inv, info, precision[info.name], results[info.name])
+    return GenerateReport(inv.fingerprint, cfg.cache.root, results, round(time.time() - started, 2))
+
+
+def _reference_reusable_units(inv: Inventory, results: dict[str, TeacherResult]) -> None:
+    """Commit, in each teacher's unit directory, the records of units committed for another version
+    of the dataset (same teacher, same label settings): referenced, not relabelled."""
+    for name, directory in inv.dirs.items():
+        for sid, record in inv.reusable[name].items():
+            storage.write_json(inv.fs, cache.unit_record_path(directory, sid), record)
+            inv.done[name][sid] = record
+            results[name].units_reused += 1
+
+
+def _units_to_label(inv: Inventory, results: dict[str, TeacherResult]) -> dict[str, list[str]]:
+    """{teacher: the shard ids it has no committed unit for}, teachers with none left out."""
+    missing = {name: [s.shard_id for s in inv.shards if s.shard_id not in inv.done[name]] for name in inv.dirs}
+    for name in inv.dirs:
+        log.info("teacher %s: %d of %d units committed (%d reused), %d to label", name,
+                 len(inv.done[name]), len(inv.shards), results[name].units_reused, len(missing[name]))
+    return {name: ids for name, ids in missing.items() if ids}
+
+
+def _label_missing(cfg: Config, inv: Inventory, todo: dict[str, list[str]], results: dict[str, TeacherResult],
+                   progress: bool) -> None:
+    """Run the pipeline over the shards some teacher is missing; record the units it commits."""
+    by_id = {s.shard_id: s for s in inv.shards}
+    needed = sorted({sid for ids in todo.values() for sid in ids})
+    new_units = _run_pipeline(cfg, inv.source, [by_id[s] for s in needed], todo, inv.fs, inv.dirs, progress)
+    for name, recs in new_units.items():
+        inv.done[name].update(recs)
+        results[name].units_written = len(recs)
+        results[name].rows_labelled = sum(r["rows"] for r in recs.values())
+
+
+def _commit_manifest_and_ref(cfg: Config, inv: Inventory, info: TeacherInfo, precision: str,
+                             result: TeacherResult) -> None:
+    """Write the teacher's manifest after all its units (unless it is there and nothing changed),
+    then move its `latest` ref to it (unless the ref already points there)."""
+    fs, name, directory = inv.fs, info.name, inv.dirs[info.name]
+    units = [inv.done[name][s.shard_id] for s in inv.shards]
+    manifest = cache.read_manifest(fs, directory)
+    if manifest is None or result.units_written or result.units_reused:
+        teacher_meta = {"name": name, "arch": info.arch, "digest": info.digest,
+                        "checkpoint": info.checkpoint, "checkpoint_sha256": info.checkpoint_sha256,
+                        "metrics": info.metrics, "precision": precision}
+        manifest = cache.build_manifest(teacher_meta, inv.fingerprint, cfg.data.train, inv.settings[name], units)
+        storage.write_json(fs, storage.join(directory, cache.MANIFEST), manifest)
+    result.quality = manifest["quality"]
+    ref = {"teacher": name, "digest": info.digest, "fingerprint": inv.fingerprint,
+           "label_hash": inv.label_hash[name], "manifest": storage.join(fs.unstrip_protocol(directory), cache.MANIFEST)}
+    old = cache.read_ref(fs, inv.root, name)
+    if old is None or any(old.get(k) != v for k, v in ref.items()):  # a rerun with no change moves nothing
+        cache.write_ref(fs, inv.root, name, {**ref, "updated_at": time.time(),
                                              "previous": None if old is None else old.get("digest")})
-    return GenerateReport(fingerprint, cfg.cache.root, results, round(time.time() - started, 2))

@@ -13,34 +13,65 @@ import json
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from kdpipe import runtime, storage
-from kdpipe.config import Config, labels_for, preprocess_for, teacher_precision
+from kdpipe.config import Config, TeacherConfig, labels_for, preprocess_for, teacher_precision
 from kdpipe.data import inputs, readers
-from kdpipe.errors import StorageUnreachable
+from kdpipe.errors import InputError, StorageUnreachable
 from kdpipe.labels import cache, codec, softlabels
-from kdpipe.teachers.predictor import TeacherPredictor, logits_column, mask_column
+from kdpipe.teachers.predictor import (
+    PredictorSettings,
+    TeacherPredictor,
+    logits_column,
+    mask_column,
+)
 from kdpipe.testing import faults
 
 log = logging.getLogger("kdpipe")
 
 
-def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[inputs.InputShard], todo: dict[str, list[str]],
-                  fs, dirs: dict[str, str], progress: bool) -> dict[str, dict[str, dict]]:
-    import ray.data
+def predictor_settings(cfg: Config, teacher: TeacherConfig, plan: runtime.ActorPlan,
+                       shard_ids: list[str] | None = None, drop: Iterable[str] = (),
+                       fault: faults.Fault | None = None) -> PredictorSettings:
+    """The settings of `teacher`'s actors under `plan` (generation's, and the benchmarks' stage):
+    label only the rows of `shard_ids` (None: every row), leave the pixel columns `drop` out of
+    the output."""
+    pre = preprocess_for(cfg, teacher.name)
+    return PredictorSettings(
+        name=teacher.name, arch=teacher.arch, checkpoint=teacher.checkpoint,
+        storage_options=dict(cfg.cache.storage_options), num_classes=cfg.data.num_classes,
+        preprocess=pre, column=pre.pixels_column(), shard_ids=None if shard_ids is None else tuple(shard_ids),
+        num_threads=plan.threads, allow_import=cfg.allow_import, fault=fault,
+        precision=teacher_precision(teacher), drop=tuple(drop))
 
+
+def _run_pipeline(cfg: Config, source: inputs.SourceSpec, shards: list[inputs.InputShard], todo: dict[str, list[str]],
+                  fs, dirs: dict[str, str], progress: bool) -> dict[str, dict[str, dict]]:
+    """Label `shards` with the teachers of `todo` ({teacher: shard ids it is missing}) and commit
+    each unit as its shard completes. Returns {teacher: {shard_id: unit record}}."""
     for uri in (cfg.data.train, cfg.cache.root):
         storage.check_shared(uri)
     runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
-    cpus, gpus = runtime.cluster_cpus_gpus()
     teachers = [t for t in cfg.teachers if t.name in todo]
+    fault = faults.for_cache(cfg.cache.inject_fault, cfg.cache.root, cfg.cache.storage_options)
+    ds = _labelled_dataset(cfg, source, shards, todo, teachers, fault)
+    return _commit_units(cfg, ds.iter_batches(batch_size=None, batch_format="numpy"), shards, todo, teachers,
+                         fs, dirs, fault, progress)
+
+
+def _labelled_dataset(cfg: Config, source: inputs.SourceSpec, shards: list[inputs.InputShard],
+                      todo: dict[str, list[str]], teachers: list[TeacherConfig], fault: faults.Fault | None):
+    """The lazy Ray Data plan: read + decode every shard once, then each teacher's actor pool in turn."""
+    import ray.data
+
+    cpus, gpus = runtime.cluster_cpus_gpus()
     plans = runtime.plan_teacher_pools(cpus, gpus, [(t.name, t.num_cpus, t.num_gpus, t.pool_size) for t in teachers])
     pre = {t.name: preprocess_for(cfg, t.name) for t in teachers}
-    fault = faults.for_cache(cfg.cache.inject_fault, cfg.cache.root, cfg.cache.storage_options)
     geometries = {p.pixels_column(): p.geometry() for p in pre.values()}  # teachers with the same geometry share a view
     log.info("%d teacher(s), %d distinct preprocessing view(s): each image is decoded once", len(teachers), len(geometries))
     ds = readers.shard_dataset(shards, readers.read_teacher_inputs, cfg.data.decode_cpus, source=source,
@@ -56,31 +87,29 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[inputs.Input
         size = min(plan.pool_size, bundles)
         log.info("teacher %s: %d actor(s) x %.2f CPU, %.2f GPU, batch %d, %s", t.name, size,
                  plan.num_cpus, plan.num_gpus, t.batch_size, teacher_precision(t))
+        settings = predictor_settings(cfg, t, plan, None if len(todo[t.name]) == len(shards) else todo[t.name],
+                                      drop=[v for v in geometries if v not in later], fault=fault)
         ds = ds.map_batches(
             TeacherPredictor,
-            fn_constructor_kwargs={
-                "name": t.name, "arch": t.arch, "checkpoint": t.checkpoint,
-                "storage_options": cfg.cache.storage_options, "num_classes": cfg.data.num_classes,
-                "preprocess": pre[t.name], "column": pre[t.name].pixels_column(),
-                "shard_ids": None if len(todo[t.name]) == len(shards) else todo[t.name],
-                "num_threads": plan.threads, "allow_import": cfg.allow_import, "fault": fault,
-                "precision": teacher_precision(t), "drop": [v for v in geometries if v not in later],
-            },
+            fn_constructor_kwargs={"settings": settings},
             batch_size=t.batch_size,
             compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus or None,
         )
+    return ds
 
-    by_id = {s.shard_id: s for s in shards}
+
+def _complete_shards(batches: Iterable[dict[str, np.ndarray]], by_id: dict[str, inputs.InputShard]
+                     ) -> Iterator[tuple[str, dict[str, np.ndarray], list[dict[str, str]]]]:
+    """The driver's grouping: label batches in any order in, (shard_id, its rows, its skipped
+    samples) out the moment all of a shard's rows are in. Raises if a shard gets more rows than
+    it has, or (at the end) fewer."""
     buffers: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     expected: dict[str, int] = {}
     skipped: dict[str, list[dict[str, str]]] = defaultdict(list)
-    written: dict[str, dict[str, dict]] = {t.name: {} for t in teachers}
-    committed = 0  # units committed by this run
-    bar = tqdm(total=sum(len(v) for v in todo.values()), desc="units committed", unit="unit", disable=not progress)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
         sids = batch["shard_id"].astype(str)
         for sid in np.unique(sids):
             part = {k: v[sids == sid] for k, v in batch.items()}
@@ -95,27 +124,38 @@ def _run_pipeline(cfg: Config, source: dict[str, Any], shards: list[inputs.Input
                                    f"expected {expected[sid]} (duplicated rows)")
             if counts[sid] == expected[sid]:
                 parts = buffers.pop(sid)
-                rows = {k: np.concatenate([b[k] for b in parts]) for k in batch}
-                for t in teachers:
-                    if sid in todo[t.name]:
-                        try:
-                            written[t.name][sid] = _commit_unit(cfg, fs, dirs[t.name], t.name, by_id[sid], rows,
-                                                                skipped[sid])
-                        except Exception as e:
-                            if not storage.unreachable(e):
-                                raise
-                            raise StorageUnreachable(
-                                f"cache {fs.unstrip_protocol(dirs[t.name])}: the store stopped answering while "
-                                f"committing teacher {t.name!r}, input shard {by_id[sid].uri} ({e}). The {committed} "
-                                "unit(s) committed before are kept and nothing partial is visible: rerun the "
-                                "same command once the store answers; it labels only what is missing") from e
-                        committed += 1
-                        bar.update(1)
-                        faults.units_committed(fault, committed)
-    bar.close()
+                yield sid, {k: np.concatenate([b[k] for b in parts]) for k in batch}, skipped[sid]
     incomplete = {sid: counts.get(sid, 0) for sid in by_id if sid not in expected or counts[sid] != expected[sid]}
     if incomplete:
         raise RuntimeError(f"generation ended with incomplete input shards {incomplete}; rerun to finish them")
+
+
+def _commit_units(cfg: Config, batches: Iterable[dict[str, np.ndarray]], shards: list[inputs.InputShard],
+                  todo: dict[str, list[str]], teachers: list[TeacherConfig], fs, dirs: dict[str, str],
+                  fault: faults.Fault | None, progress: bool) -> dict[str, dict[str, dict]]:
+    """Commit every teacher's unit of each shard as the shard completes; {teacher: {shard_id: record}}."""
+    by_id = {s.shard_id: s for s in shards}
+    written: dict[str, dict[str, dict]] = {t.name: {} for t in teachers}
+    committed = 0  # units committed by this run
+    with tqdm(total=sum(len(v) for v in todo.values()), desc="units committed", unit="unit",
+              disable=not progress) as bar:
+        for sid, rows, skipped in _complete_shards(batches, by_id):
+            for t in teachers:
+                if sid not in todo[t.name]:
+                    continue
+                try:
+                    written[t.name][sid] = _commit_unit(cfg, fs, dirs[t.name], t.name, by_id[sid], rows, skipped)
+                except Exception as e:
+                    if not storage.unreachable(e):
+                        raise
+                    raise StorageUnreachable(
+                        f"cache {fs.unstrip_protocol(dirs[t.name])}: the store stopped answering while "
+                        f"committing teacher {t.name!r}, input shard {by_id[sid].uri} ({e}). The {committed} "
+                        "unit(s) committed before are kept and nothing partial is visible: rerun the "
+                        "same command once the store answers; it labels only what is missing") from e
+                committed += 1
+                bar.update(1)
+                faults.units_committed(fault, committed)
     return written
 
 
@@ -132,7 +172,7 @@ def _commit_unit(cfg: Config, fs, directory: str, teacher: str, shard: inputs.In
     keys = [str(k) for k in rows["sample_key"]]
     where = f"teacher {teacher!r}, input shard {shard.uri}"
     if len(set(keys)) != len(keys):
-        raise ValueError(f"{where}: duplicate sample keys; keys must be unique within a dataset")
+        raise InputError(f"{where}: duplicate sample keys; keys must be unique within a dataset")
     if not rows[mask_column(teacher)].all():
         raise RuntimeError(f"{where}: some rows were not labelled")
     logits = rows[logits_column(teacher)]
@@ -140,10 +180,10 @@ def _commit_unit(cfg: Config, fs, directory: str, teacher: str, shard: inputs.In
     lab = labels_for(cfg, teacher)
     aug = rows.get("aug")
     data = codec.encode_unit(keys, logits, lab.mode, lab.k, lab.temperature, lab.dtype, lab.format,
-                              lab.row_group_size, aug)
+                             lab.row_group_size, aug)
     plain = slice(None) if aug is None else aug[:, 2] == 0  # quality figures: the plain views
     label = rows.get("label")
     quality = softlabels.quality(logits[plain], lab.temperature, None if label is None else label[plain],
-                             lab.k if lab.mode == "topk" else None)
+                                 lab.k if lab.mode == "topk" else None)
     return cache.write_unit(fs, directory, {"shard_id": shard.shard_id, "uri": shard.uri, "token": shard.token},
                             data, lab.format, keys, quality, skipped)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdpipe import storage
-from kdpipe.config import Config, preprocess_for, teacher_precision
+from kdpipe.config import Config, labels_for, preprocess_for, teacher_precision
 from kdpipe.data import inputs
+from kdpipe.errors import ConfigError
 from kdpipe.labels import cache
 from kdpipe.teachers.checkpoints import TeacherInfo, inspect_teacher
 
@@ -23,6 +24,17 @@ def _shard_plan(fs, shards: list[inputs.InputShard], dirs: dict[str, str]) -> di
             if rec is not None:
                 done[name][s.shard_id] = rec
     return done
+
+
+def label_settings_for(cfg: Config, teacher: str) -> dict[str, Any]:
+    """cache.label_settings() of `teacher` under `cfg` (its `labels` section with the teacher's
+    overrides; class names default to "0".."C-1"): what generation stores and hashes into the unit
+    directory, and what a student asks the cache for."""
+    lab, data = labels_for(cfg, teacher), cfg.data
+    names = data.class_names or [str(i) for i in range(data.num_classes)]
+    augment = {"views": lab.views, "seed": lab.view_seed, "crop_scale": lab.crop_scale, "flip": lab.flip}
+    return cache.label_settings(lab.temperature, lab.mode, lab.dtype, lab.format, data.num_classes, names,
+                                lab.k, augment)
 
 
 def inspect_teachers(cfg: Config) -> list[TeacherInfo]:
@@ -42,7 +54,7 @@ class Inventory:
     those committed for another version of the dataset that can be referenced instead."""
 
     infos: list[TeacherInfo]
-    source: dict[str, Any]
+    source: inputs.SourceSpec
     shards: list[inputs.InputShard]
     fingerprint: str
     settings: dict[str, dict[str, Any]]
@@ -60,12 +72,12 @@ class Inventory:
 
 def inventory(cfg: Config) -> Inventory:
     if not cfg.teachers:
-        raise ValueError("no teachers configured: add at least one entry under `teachers` (or a `registry`)")
+        raise ConfigError("no teachers configured: add at least one entry under `teachers` (or a `registry`)")
     infos = inspect_teachers(cfg)
     source = inputs.source_spec(cfg.data, check_holdout=False)
     shards = inputs.list_shards(cfg.data.train, source)
     fingerprint = inputs.fingerprint(shards, source)
-    settings = {i.name: cache.settings_from_config(cfg, i.name) for i in infos}
+    settings = {i.name: label_settings_for(cfg, i.name) for i in infos}
     label_hash = {name: cache.settings_hash(s) for name, s in settings.items()}
     fs, root = storage.filesystem(cfg.cache.root, cfg.cache.storage_options)
     dirs = {i.name: cache.unit_dir(root, i.name, i.digest, fingerprint, label_hash[i.name]) for i in infos}

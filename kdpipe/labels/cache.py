@@ -1,4 +1,10 @@
-""""""
+"""The label cache's layout and commit protocol: label settings and their hash, unit directories,
+part files and unit records, manifests and refs (see DESIGN.md, "Storage layout").
+
+Readers trust manifests and unit records, never a listing (beyond finding sibling directories
+whose units can be reused). It knows nothing of the config: the driver turns a config into
+label settings (kdpipe.generation.planning.label_settings_for).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from kdpipe import __version__, storage
+from kdpipe.errors import CacheError, CacheMissing
 from kdpipe.labels import codec, softlabels
 
 MANIFEST = "_manifest.json"
@@ -30,16 +37,6 @@ def label_settings(temperature: float, mode: str, dtype: str, fmt: str, num_clas
                                "crop_scale": [float(v) for v in augment["crop_scale"]],
                                "flip": bool(augment["flip"])}
     return settings
-
-
-def settings_from_config(cfg, teacher: str) -> dict[str, Any]:
-    """label_settings() of `teacher` in a kdpipe Config (class names default to "0".."C-1")."""
-    from kdpipe.config import labels_for
-
-    lab, data = labels_for(cfg, teacher), cfg.data
-    names = data.class_names or [str(i) for i in range(data.num_classes)]
-    augment = {"views": lab.views, "seed": lab.view_seed, "crop_scale": lab.crop_scale, "flip": lab.flip}
-    return label_settings(lab.temperature, lab.mode, lab.dtype, lab.format, data.num_classes, names, lab.k, augment)
 
 
 EXACTNESS = {
@@ -162,7 +159,7 @@ def read_manifest(fs, directory: str) -> dict[str, Any] | None:
     manifest = storage.read_json(fs, path)
     version = manifest.get("schema_version")
     if version != softlabels.SCHEMA_VERSION:
-        raise ValueError(
+        raise CacheError(
             f"{path}: schema version {version!r} is not supported by kdpipe {__version__} "
             f"(reads version {softlabels.SCHEMA_VERSION}); regenerate these labels or upgrade kdpipe"
         )
@@ -185,7 +182,7 @@ def resolve_manifest(fs, root: str, spec: str, fingerprint: str, label_hash: str
     if not digest:
         ref = read_ref(fs, root, name)
         if ref is None:
-            raise FileNotFoundError(
+            raise CacheMissing(
                 f"teacher {name!r} has no labels in cache {root!r} (no refs/{name}.json): "
                 "run `kdpipe generate` first"
             )
@@ -193,7 +190,7 @@ def resolve_manifest(fs, root: str, spec: str, fingerprint: str, label_hash: str
     directory = unit_dir(root, name, digest, fingerprint, label_hash)
     manifest = read_manifest(fs, directory)
     if manifest is None:
-        raise FileNotFoundError(
+        raise CacheMissing(
             f"no committed labels for {spec!r} (digest {digest}) on this dataset and label settings: "
             f"{storage.join(directory, MANIFEST)} is missing; run `kdpipe generate` with the same data and labels config"
         )

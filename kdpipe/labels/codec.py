@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdpipe.errors import CacheError, InputError
 from kdpipe.labels.softlabels import (
     AUG,
     KEY,
@@ -138,7 +139,7 @@ def wds_key(sample_key: str) -> str:
     """Reversible escape of a sample key for a tar member name: '%', '.', '/' and control
     characters become %XX (upper-case hex), so the name has no dot before the extension."""
     if not sample_key:
-        raise ValueError("an empty sample key cannot name a WebDataset sample")
+        raise InputError("an empty sample key cannot name a WebDataset sample")
     return _WDS_ESCAPE.sub(lambda m: f"%{ord(m.group()):02X}", sample_key)
 
 
@@ -195,7 +196,7 @@ def webdataset_bytes(keys: list[str], arrays: dict[str, np.ndarray], mode: str) 
     """
     aug = arrays.get(AUG)
     if len(set(keys)) != len(keys):
-        raise ValueError(f"a WebDataset unit needs distinct sample keys, got {len(keys) - len(set(keys))} duplicates")
+        raise InputError(f"a WebDataset unit needs distinct sample keys, got {len(keys) - len(set(keys))} duplicates")
     payloads, top1 = _wds_payloads(arrays, mode)
     if len(payloads) != len(keys):
         raise ValueError(f"{len(keys)} keys but {len(payloads)} rows of labels")
@@ -218,7 +219,7 @@ def _tar_samples(data: bytes) -> dict[str, dict[str, bytes]]:
             name, dot, ext = member.name.partition(".")
             sample = samples.setdefault(name, {})
             if not member.isfile() or not dot or "/" in name or ext in sample:
-                raise ValueError(f"unexpected or repeated member {member.name!r} in a WebDataset unit")
+                raise CacheError(f"unexpected or repeated member {member.name!r} in a WebDataset unit")
             sample[ext] = tar.extractfile(member).read()
     return samples
 
@@ -232,7 +233,7 @@ def _unit_mode(samples: dict[str, dict[str, bytes]]) -> str | None:
     mode = next((m for m, ext in WDS_PAYLOAD.items() if first == {"cls", ext} | extra), None)
     for name, sample in samples.items():
         if mode is None or set(sample) != {"cls", WDS_PAYLOAD[mode]} | extra:
-            raise ValueError(f"sample {unwds_key(name)!r} has members {sorted(sample)}: a unit needs "
+            raise CacheError(f"sample {unwds_key(name)!r} has members {sorted(sample)}: a unit needs "
                              f"'cls' and one of {sorted(WDS_PAYLOAD.values())}, the same for every sample")
     return mode
 
@@ -296,7 +297,7 @@ def decode_unit(data: bytes, mode: str, fmt: str) -> dict[str, Any]:
         return out
     rows = read_webdataset_unit(data)
     if rows["keys"] and rows["mode"] != mode:
-        raise ValueError(f"unit holds {rows['mode']} labels, its manifest says {mode}")
+        raise CacheError(f"unit holds {rows['mode']} labels, its manifest says {mode}")
     out = {"keys": rows["keys"]}
     if mode == "full":
         out[LOGITS] = np.asarray(rows.get(LOGITS, np.zeros((0, 0))), dtype=np.float32)

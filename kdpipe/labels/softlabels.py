@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from kdpipe.errors import CacheError, ConfigError, InputError
+
 SCHEMA_VERSION = 1
 
 
@@ -48,7 +50,7 @@ def check_finite(logits: np.ndarray, keys: list[str], where: str) -> None:
     bad = ~np.isfinite(logits).all(axis=-1)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        raise ValueError(
+        raise InputError(
             f"{where}: teacher output for sample {keys[first]!r} is not finite "
             f"({int(bad.sum())} bad rows); check the checkpoint and the preprocessing"
         )
@@ -108,7 +110,7 @@ def topk_arrays(logits: np.ndarray, k: int, temperature: float, dtype: str) -> d
     z = np.asarray(logits, dtype=np.float32)
     num_classes = z.shape[1]
     if not 1 <= k <= num_classes:
-        raise ValueError(f"top-k labels need 1 <= k <= num_classes, got k={k} for {num_classes} "
+        raise ConfigError(f"top-k labels need 1 <= k <= num_classes, got k={k} for {num_classes} "
                          f"classes: set labels.k to at most {num_classes}")
     # A full stable sort, not argpartition: ties are then broken the same way on every machine.
     ids = np.argsort(-z, axis=1, kind="stable")[:, :k]
@@ -153,7 +155,7 @@ def retemper_topk(values: np.ndarray, log_z: np.ndarray, temperature: float,
     scaled = v / new_temperature
     rest = num_classes - v.shape[1]
     if rest < 0:
-        raise ValueError(f"labels hold k={v.shape[1]} classes, more than num_classes={num_classes}")
+        raise CacheError(f"labels hold k={v.shape[1]} classes, more than num_classes={num_classes}")
     if rest == 0:  # the whole distribution is stored: plain softmax at T'
         return softmax(v, new_temperature), np.zeros(len(v))
     with np.errstate(divide="ignore"):  # an empty tail has log mass -inf, and stays empty

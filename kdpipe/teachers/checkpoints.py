@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kdpipe import storage
+from kdpipe.errors import ConfigError, StorageMissing
 from kdpipe.teachers.models import build_model
 
 
@@ -36,7 +37,7 @@ def read_checkpoint_bytes(name: str, uri: str, storage_options: dict[str, Any] |
     try:
         return fs.cat_file(path)
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise StorageMissing(
             f"teacher {name!r}: checkpoint {uri!r} does not exist; "
             "set teachers[].checkpoint to a saved state_dict (or run `kdpipe demo` to train the built-in ones)"
         ) from None
@@ -50,20 +51,20 @@ def parse_checkpoint(name: str, uri: str, data: bytes) -> tuple[dict[str, torch.
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several unrelated types for bad files
-        raise ValueError(f"teacher {name!r}: checkpoint {uri!r} cannot be loaded safely: {e}") from e
+        raise ConfigError(f"teacher {name!r}: checkpoint {uri!r} cannot be loaded safely: {e}") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         meta = {k: v for k, v in obj.items() if k != "state_dict"}
         return obj["state_dict"], meta
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj, {}
-    raise ValueError(f"teacher {name!r}: checkpoint {uri!r} holds no state_dict")
+    raise ConfigError(f"teacher {name!r}: checkpoint {uri!r} holds no state_dict")
 
 
 def _fit_state_dict(name: str, uri: str, arch: str, model: torch.nn.Module,
                     state_dict: dict[str, torch.Tensor], assign: bool) -> None:
     result = model.load_state_dict(state_dict, strict=False, assign=assign)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
+        raise ConfigError(
             f"teacher {name!r}: checkpoint {uri!r} does not fit architecture {arch!r} "
             f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); "
             "check teachers[].arch"
@@ -83,24 +84,24 @@ def inspect_teacher(name: str, arch: str, checkpoint: str, storage_options: dict
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(meta_sd)), sorted(set(meta_sd) - expected)
     if missing or unexpected:
-        raise ValueError(f"teacher {name!r}: checkpoint {checkpoint!r} does not fit architecture {arch!r} "
+        raise ConfigError(f"teacher {name!r}: checkpoint {checkpoint!r} does not fit architecture {arch!r} "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}); check teachers[].arch")
     # Run the checkpoint's own tensor shapes through the graph: its class count, not the config's.
     try:
         with torch.no_grad():
             out = torch.func.functional_call(model, meta_sd, (torch.empty(2, *input_shape, device="meta"),))
     except RuntimeError as e:
-        raise ValueError(f"teacher {name!r}: checkpoint {checkpoint!r} does not fit architecture {arch!r} "
+        raise ConfigError(f"teacher {name!r}: checkpoint {checkpoint!r} does not fit architecture {arch!r} "
                          f"with inputs {list(input_shape)}: {e}") from e
     if out.shape[-1] != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"teacher {name!r} gives {out.shape[-1]} classes, the dataset has {num_classes}: "
             f"set data.num_classes or use a checkpoint trained for {num_classes} classes ({checkpoint})"
         )
     try:
         model.load_state_dict(meta_sd, strict=True, assign=True)
     except RuntimeError as e:
-        raise ValueError(f"teacher {name!r}: checkpoint {checkpoint!r} does not fit architecture {arch!r}: {e}") from e
+        raise ConfigError(f"teacher {name!r}: checkpoint {checkpoint!r} does not fit architecture {arch!r}: {e}") from e
     sha = storage.sha256_bytes(data)
     body = {"checkpoint_sha256": sha, "arch": arch, "num_classes": num_classes,
             "input_shape": list(input_shape), "preprocessing": preprocessing}
@@ -120,7 +121,7 @@ def load_teacher(name: str, arch: str, checkpoint: str, storage_options: dict[st
     try:
         _fit_state_dict(name, checkpoint, arch, model, state_dict, assign=False)
     except RuntimeError as e:
-        raise ValueError(f"teacher {name!r}: checkpoint {checkpoint!r} does not fit architecture {arch!r}: {e}") from e
+        raise ConfigError(f"teacher {name!r}: checkpoint {checkpoint!r} does not fit architecture {arch!r}: {e}") from e
     return model.eval()
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from kdpipe.errors import ConfigError
+
 BUILTIN_ARCHS = ("mlp", "cnn", "wide_cnn", "small_mlp", "tiny_mlp", "tiny_cnn", "linear")
 
 
@@ -17,15 +19,15 @@ def _imported(arch: str, num_classes: int, input_shape: tuple[int, ...], allow_i
 
     module, _, function = arch.partition(":")
     if not allow_import:
-        raise ValueError(f"architecture {arch!r} imports module {module!r} and runs its code: set "
+        raise ConfigError(f"architecture {arch!r} imports module {module!r} and runs its code: set "
                          "`allow_import: true` at the top of the config to allow it (only for code you trust)")
     try:
         fn = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"architecture {arch!r}: cannot import {function!r} from {module!r} ({e})") from e
+        raise ConfigError(f"architecture {arch!r}: cannot import {function!r} from {module!r} ({e})") from e
     model = fn(num_classes, tuple(input_shape))
     if not isinstance(model, nn.Module):
-        raise ValueError(f"architecture {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ConfigError(f"architecture {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -86,7 +88,7 @@ def build_model(arch: str, num_classes: int, input_shape: tuple[int, ...], allow
     import torchvision
 
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(
+        raise ConfigError(
             f"unknown architecture {arch!r}: use one of {', '.join(BUILTIN_ARCHS)} "
             "or a torchvision classification model name such as 'resnet18'"
         )

@@ -1,12 +1,15 @@
 """The Ray Data batch predictor of a teacher.
 
 `TeacherPredictor` is a plain callable class (Ray Data's actor-pool contract: load once in
-`__init__`, label a batch in `__call__`), so it is testable without Ray.
+`__init__`, label a batch in `__call__`), so it is testable without Ray. It takes one
+`PredictorSettings`, the frozen message Ray pickles to every actor of the teacher's pool
+(built from the config by kdpipe.generation.pipeline.predictor_settings).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,6 +17,9 @@ import torch
 from kdpipe.data.images import Preprocess
 from kdpipe.teachers.checkpoints import load_teacher
 from kdpipe.teachers.precision import resolve_precision
+
+if TYPE_CHECKING:
+    from kdpipe.testing.faults import Fault
 
 
 def logits_column(name: str) -> str:
@@ -52,6 +58,32 @@ class TeacherRunner:
             return out.float().cpu().numpy()
 
 
+@dataclass(frozen=True)
+class PredictorSettings:
+    """What a teacher's actor needs to load its model and label batches.
+
+    `column` is the uint8 pixel column [B, C, H, W] of the teacher's preprocessing geometry;
+    `shard_ids` None labels every row, else only the rows of those input shards; `drop` the
+    pixel columns no later teacher reads; `device` "auto" is CUDA when the actor has one;
+    `precision` resolved (fp32 or bf16); `fault` test-only (kdpipe.testing.faults). Hashable:
+    the dicts inside (storage options, a fault's parameters) are left out of the hash."""
+
+    name: str
+    arch: str
+    checkpoint: str
+    storage_options: dict[str, Any] | None = field(hash=False)
+    num_classes: int
+    preprocess: Preprocess
+    column: str
+    shard_ids: tuple[str, ...] | None = None
+    num_threads: int = 1
+    device: str = "auto"
+    allow_import: bool = False
+    fault: Fault | None = field(default=None, hash=False)
+    precision: str = "fp32"
+    drop: tuple[str, ...] = ()
+
+
 class TeacherPredictor:
     """Ray Data actor: adds `logits__<name>` [B, C] float32 and `labelled__<name>` [B] bool.
 
@@ -63,23 +95,20 @@ class TeacherPredictor:
     images cross the object store into the teachers, and only labels come out of the last one.
     """
 
-    def __init__(self, name: str, arch: str, checkpoint: str, storage_options: dict[str, Any] | None,
-                 num_classes: int, preprocess: Preprocess, column: str, shard_ids: list[str] | None,
-                 num_threads: int = 1, device: str = "auto", allow_import: bool = False, fault=None,
-                 precision: str = "fp32", drop: list[str] | tuple[str, ...] = ()) -> None:
-        torch.set_num_threads(max(1, num_threads))
-        self.fault, self.calls = fault, 0  # test-only (kdpipe.testing.faults)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+    def __init__(self, settings: PredictorSettings) -> None:
+        s = settings
+        torch.set_num_threads(max(1, s.num_threads))
+        self.fault, self.calls = s.fault, 0  # test-only (kdpipe.testing.faults)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
         self.device = torch.device(device)
-        self.name = name
-        self.num_classes = num_classes
-        self.shard_ids = None if shard_ids is None else set(shard_ids)
-        self.preprocess, self.column = preprocess, column
-        self.drop = tuple(drop)
-        self.runner = TeacherRunner(load_teacher(name, arch, checkpoint, storage_options, num_classes,
-                                                 preprocess.image_shape, allow_import),
-                                    preprocess, self.device, precision)
+        self.name = s.name
+        self.num_classes = s.num_classes
+        self.shard_ids = None if s.shard_ids is None else set(s.shard_ids)
+        self.preprocess, self.column = s.preprocess, s.column
+        self.drop = tuple(s.drop)
+        self.runner = TeacherRunner(load_teacher(s.name, s.arch, s.checkpoint, s.storage_options, s.num_classes,
+                                                 s.preprocess.image_shape, s.allow_import),
+                                    s.preprocess, self.device, s.precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls += 1

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdpipe import storage
+from kdpipe.errors import ConfigError
 
 log = logging.getLogger("kdpipe")
 
@@ -43,15 +44,15 @@ class Fault:
 
 
 def parse(spec: str) -> tuple[str, dict[str, str]]:
-    """"kind:k=v:k=v" -> (kind, {k: v}); ValueError naming the problem."""
+    """"kind:k=v:k=v" -> (kind, {k: v}); ConfigError naming the problem."""
     kind, *pairs = spec.split(":")
     if kind not in KINDS:
-        raise ValueError(f"cache.inject_fault={spec!r}: unknown fault {kind!r}; known: {', '.join(KINDS)}")
+        raise ConfigError(f"cache.inject_fault={spec!r}: unknown fault {kind!r}; known: {', '.join(KINDS)}")
     params = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq:
-            raise ValueError(f"cache.inject_fault={spec!r}: {pair!r} is not key=value")
+            raise ConfigError(f"cache.inject_fault={spec!r}: {pair!r} is not key=value")
         params[key] = value
     return kind, params
 

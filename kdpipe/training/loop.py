@@ -1,7 +1,9 @@
-"""The student's training loop on each Ray Train worker: steps, epochs, evaluation, checkpoints.
+"""The student's training loop on each Ray Train worker, as a recipe of named steps: setup (model,
+optimiser, resume), one epoch over any iterable of batches, evaluation, checkpoint and report.
 
 No teacher is built here (except for the online baseline). The training step itself
-(`train_step`) is a pure function of tensors.
+(`train_step`) is a pure function of tensors, and the steps below run without Ray on plain
+iterables of batch dicts; only `_train_loop` and its thin wrappers talk to Ray Train.
 """
 
 from __future__ import annotations
@@ -12,29 +14,107 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from kdpipe import storage
+from kdpipe.data.images import Preprocess
 from kdpipe.teachers.checkpoints import load_teacher
 from kdpipe.teachers.models import build_model
 from kdpipe.training import losses
+from kdpipe.training.losses import LossOptions
 
 log = logging.getLogger("kdpipe")
 
+Batch = dict[str, torch.Tensor]
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+
+@dataclass(frozen=True)
+class OnlineTeacher:
+    """A teacher the online baseline (train.online) builds on every worker and runs in every step."""
+
+    name: str
+    arch: str
+    checkpoint: str  # URI of its weights
+    preprocess: Preprocess  # its own geometry and normalisation
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What every training worker needs, made once by the driver (trainer.loop_settings) and
+    pickled to the workers inside Ray Train's train_loop_config ({"settings": LoopSettings})."""
+
+    student: str  # the architecture
+    num_classes: int
+    preprocess: Preprocess  # the student's
+    run_uri: str  # the run's directory: metrics.jsonl, tensorboard/, the fault marker
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 1
+    batch_size: int = 16  # rows per step on each worker
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    alpha: float = 0.95  # weight of the distillation term (0: labels alone)
+    alpha_end: float | None = None  # the schedule's end (None: constant)
+    temperature: float = 5.0
+    temperature_end: float | None = None
+    schedule: str = "constant"  # constant | linear | cosine
+    seed: int = 0
+    use_labels: bool = True  # False: label-free distillation (no cross-entropy term)
+    weights: tuple[float, ...] = ()  # one per teacher; () = equal
+    loss: LossOptions = field(default_factory=LossOptions)
+    shuffle_buffer: int = 512
+    checkpoint_every: int = 1  # epochs between checkpoints and reports; the last epoch always
+    evaluate: bool = False  # rank 0 evaluates on the "holdout" dataset after every epoch
+    inject_fault: str = ""  # test-only, see _inject_fault
+    online_teachers: tuple[OnlineTeacher, ...] = ()
+    paired_plain: bool = False  # benchmarks only: a pass of plain steps over "plain" every epoch too
+    threads: int = 1  # torch threads per worker
+    allow_import: bool = False
+
+
+@dataclass
+class TrainState:
+    """One worker's training state, carried from epoch to epoch: what `setup` builds and a
+    checkpoint restores (`resume`)."""
+
+    model: torch.nn.Module  # in DDP when Ray Train runs more than one worker
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    rank: int = 0
+    weights: torch.Tensor | None = None  # [K] teacher weights, None for equal
+    online: list[tuple[Preprocess, str, torch.nn.Module]] = field(default_factory=list)  # (its preprocess, pixel column, teacher)
+    start_epoch: int = 0  # > 0: this attempt resumed from a checkpoint
+    history: list[dict[str, Any]] = field(default_factory=list)  # rank 0's metrics, one dict per epoch
+    first_step_at: float | None = None  # wall clock of this attempt's first optimiser step
+
+
+@dataclass(frozen=True)
+class EpochPass:
+    """One pass of training steps over an epoch's batches on one worker."""
+
+    rows: int
+    seconds: float
+    sums: dict[str, float]  # each loss part summed over the rows (a step's value times its rows)
+    replayed: int  # views per sample in the rows read (replayed augmentation; 0 without)
+    waited: float  # of `seconds`, the time spent waiting for the next batch (input-bound if large)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
                temperature: float, alpha: float, weights: torch.Tensor | None,
-               loss_options: dict[str, Any] | None = None, use_labels: bool = True) -> dict[str, float]:
-    """One optimiser step. loss_options: temperatures / ensemble / kind / weighting for
-    losses.distillation_loss. Returns the loss parts as detached scalar tensors on the model's
-    device (the caller sums them and reads them once per epoch: no wait for the GPU per step)."""
+               loss_options: LossOptions | None = None, use_labels: bool = True) -> dict[str, torch.Tensor]:
+    """One optimiser step on batch {"x" [B, ...] (normalised), "label" [B], and the teachers'
+    targets, see losses.distillation_loss}. Returns the loss parts as detached scalar tensors on
+    the model's device (the caller sums them and reads them once per epoch: no wait for the GPU
+    per step)."""
     model.train()
     out = model(batch["x"])
     topk = (batch["topk_ids"], batch["topk_probs"], batch["topk_tail"]) if "topk_ids" in batch else None
     args = (out, batch.get("teacher_logits"), batch.get("label") if use_labels else None, temperature, alpha, weights)
-    kwargs = {"teacher_topk": topk, "teacher_probs": batch.get("teacher_probs"), **(loss_options or {})}
+    kwargs = {"teacher_topk": topk, "teacher_probs": batch.get("teacher_probs"),
+              **(loss_options or LossOptions()).kwargs()}
     # The common loss (teachers' mean distribution, plus cross-entropy) has its gradient written
     # out: no autograd graph for the loss, a few ops instead of ~4x plain cross-entropy's.
     direct = losses.distillation_grad(*args, **kwargs)
@@ -131,142 +211,59 @@ def _inject_fault(spec: str, epoch: int, rank: int, run_uri: str, storage_option
     os._exit(17)
 
 
-def evaluate(model: torch.nn.Module, batches) -> tuple[float, int]:
-    """(accuracy, rows) of `model` over an iterable of {"x", "label"} batches."""
-    model.eval()
-    correct = total = 0
+CHECKPOINT_FILE = "state.pt"
+
+
+def setup(settings: LoopSettings, rank: int = 0, device: torch.device | str = "cpu",
+          prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> TrainState:
+    """Seed, threads, the student (through `prepare_model`, Ray Train's DDP wrapper, when
+    given; else moved to `device`), its optimiser, and the online baseline's teachers."""
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    pre = settings.preprocess
+    model = build_model(settings.student, settings.num_classes, pre.image_shape, settings.allow_import)
+    model = prepare_model(model) if prepare_model is not None else model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    weights = torch.tensor(settings.weights) if settings.weights else None
+    online = [(t.preprocess, t.preprocess.pixels_column(),
+               load_teacher(t.name, t.arch, t.checkpoint, settings.storage_options, settings.num_classes,
+                            t.preprocess.image_shape, settings.allow_import).to(device))
+              for t in settings.online_teachers]
+    return TrainState(model, optimizer, torch.device(device), rank, weights, online)
+
+
+def resume(state: TrainState, saved: dict[str, Any]) -> None:
+    """Continue from a checkpoint (`checkpoint_state`): weights, optimiser, and the metrics of
+    the epochs it had done."""
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.start_epoch = saved["epoch"] + 1
+    state.history = [h for h in saved["history"] if h["epoch"] < state.start_epoch]
+
+
+def epoch_schedule(settings: LoopSettings, epoch: int) -> tuple[float, float]:
+    """(alpha, temperature) of `epoch`."""
+    alpha = schedule_value(settings.alpha, settings.alpha_end, settings.schedule, epoch, settings.epochs)
+    temperature = schedule_value(settings.temperature, settings.temperature_end, settings.schedule, epoch,
+                                 settings.epochs)
+    return alpha, temperature
+
+
+def epoch_passes(paired_plain: bool, epoch: int) -> list[str]:
+    """The datasets an epoch trains on, in order. paired_plain (benchmarks only): a plain pass
+    too, first on even epochs, last on odd ones."""
+    if not paired_plain:
+        return ["train"]
+    return ["plain", "train"] if epoch % 2 == 0 else ["train", "plain"]
+
+
+def with_online_targets(online: list[tuple[Preprocess, str, torch.nn.Module]], batch: Batch) -> Batch:
+    """The baseline kdpipe exists to avoid: every teacher runs on every batch. The batch with
+    teacher_logits [B, K, C] from the teachers' own pixel columns, those columns dropped."""
     with torch.no_grad():
-        for b in batches:
-            pred = model(b["x"]).argmax(-1)
-            correct += int((pred == b["label"]).sum())
-            total += len(pred)
-    return (correct / total if total else float("nan")), total
-
-
-def _train_loop(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
-    torch.set_num_threads(config["threads"])
-    torch.manual_seed(config["seed"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    pre = config["preprocess"]
-    model = build_model(config["student"], config["num_classes"], pre.image_shape, config["allow_import"])
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    weights = torch.tensor(config["weights"]) if config["weights"] else None
-    device = ray.train.torch.get_device()
-    start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # resume: after a worker failure, or a rerun of the same run name
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        history = [h for h in history if h["epoch"] < start_epoch]
-    sink = MetricsSink(config["run_uri"], config["storage_options"]) if rank == 0 else None
-    online = [(t["preprocess"], t["preprocess"].pixels_column(),
-               load_teacher(t["name"], t["arch"], t["checkpoint"], config["storage_options"], config["num_classes"],
-                            t["preprocess"].image_shape, config["allow_import"]).to(device)) for t in config["online_teachers"]]
-    every, epochs = config["checkpoint_every"], config["epochs"]
-    loss_options = config["loss_options"]
-    first_step_at = None  # wall clock of this attempt's first optimiser step (time to first step)
-
-    def one_pass(name: str, epoch: int, alpha: float, temperature: float) -> tuple[int, float, dict, int, float]:
-        """One epoch's pass over dataset `name`: (rows, seconds, loss sums, replayed views,
-        seconds spent waiting for the input stream)."""
-        nonlocal first_step_at
-        t0, rows, replayed, waited = time.time(), 0, 0, 0.0
-        names, totals = None, None  # the loss parts' names, and their row-weighted sums in one tensor
-        ready = time.perf_counter()
-        views = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch * 1009 + rank)
-        shard = ray.train.get_dataset_shard(name)
-        fetched = shard.iter_torch_batches(batch_size=fetch_rows(config["batch_size"]), device=device,
-                                           local_shuffle_buffer_size=config["shuffle_buffer"],
-                                           local_shuffle_seed=config["seed"] * 1000 + epoch * 10 + rank)
-        for batch in split_batches(fetched, config["batch_size"]):
-            waited += time.perf_counter() - ready
-            if online:  # the baseline kdpipe exists to avoid: every teacher runs on every batch
-                with torch.no_grad():
-                    batch["teacher_logits"] = torch.stack(
-                        [t(p.normalise(batch[view])).float() for p, view, t in online], dim=1)
-                for _, view, _ in online:
-                    batch.pop(view, None)
-            if batch["x"].dim() == 5:  # replayed augmentation: one of the cached views per sample
-                replayed = batch["x"].shape[1]
-                batch = pick_views(batch, views)
-            batch["x"] = pre.normalise(batch["x"])
-            parts = train_step(model, optimizer, batch, temperature, alpha, weights, loss_options, config["use_labels"])
-            first_step_at = first_step_at or time.time()
-            n = len(batch["x"])
-            rows += n
-            # Two ops per step for all the parts (each tensor op costs microseconds of dispatch,
-            # a kernel launch on a GPU: a small student's step has few to spare).
-            if totals is None:
-                names = list(parts)
-                totals = torch.stack([parts[k] for k in names]) * n
-            else:
-                totals.add_(torch.stack([parts[k] for k in names]), alpha=n)
-            ready = time.perf_counter()
-        sums = dict(zip(names, totals.tolist(), strict=True)) if totals is not None else {}
-        return rows, time.time() - t0, sums, replayed, waited
-
-    for epoch in range(start_epoch, epochs):
-        if config["inject_fault"]:
-            _inject_fault(config["inject_fault"], epoch, rank, config["run_uri"], config["storage_options"])
-        alpha = schedule_value(config["alpha"], config["alpha_end"], config["schedule"], epoch, epochs)
-        temperature = schedule_value(config["temperature"], config["temperature_end"], config["schedule"], epoch, epochs)
-        paired: dict[str, float] = {}
-        passes = ["train"]
-        if config["paired_plain"]:  # benchmarks only: a plain pass too, first on even epochs, last on odd
-            passes = ["plain", "train"] if epoch % 2 == 0 else ["train", "plain"]
-        for name in passes:
-            if name == "plain":  # labels alone (alpha 0), same workers, same steps
-                n, sec, _, _, wait = one_pass("plain", epoch, 0.0, temperature)
-                paired = {"plain_rows": n, "plain_train_s": sec, "plain_samples_per_s": n / max(1e-9, sec),
-                          "plain_input_wait_s": wait}
-            else:
-                rows, seconds, sums, replayed, waited = one_pass("train", epoch, alpha, temperature)
-        # input_wait_s: the part of train_s spent waiting for the next batch (input-bound if large)
-        metrics = {"epoch": epoch, "rows": rows, "samples_per_s": rows / max(1e-9, seconds), "train_s": seconds,
-                   "input_wait_s": waited,
-                   "alpha": alpha, "temperature": temperature, "lr": optimizer.param_groups[0]["lr"],
-                   "replayed_views": replayed, "first_step_at": first_step_at}
-        metrics.update({k: float(v) / max(1, rows) for k, v in sums.items()})
-        metrics.update(paired)
-        t1 = time.time()
-        if rank == 0:  # every rank holds the same weights after the DDP step
-            if config["evaluate"]:
-                holdout = ray.train.get_dataset_shard("holdout")
-                # The module inside DDP: DDP's forward broadcasts buffers (BatchNorm statistics),
-                # a collective that the other ranks, already training on, would never join.
-                acc, n = evaluate(getattr(model, "module", model),
-                                  ({**b, "x": pre.normalise(b["x"])}
-                                   for b in holdout.iter_torch_batches(batch_size=512, device=device)))
-                metrics.update(holdout_accuracy=acc, holdout_rows=n, eval_s=time.time() - t1)
-            metrics["world_size"] = ctx.get_world_size()
-            metrics["attempt_start"] = start_epoch  # > 0: this attempt resumed from a checkpoint
-            history.append(metrics)
-            sink.write(history)
-        last = epoch == epochs - 1
-        if not (last or (epoch + 1) % every == 0):
-            continue
-        # Reports are collective (every rank calls them) and block until Ray Train takes them,
-        # so they come every `checkpoint_every` epochs, carrying the epochs since the last one.
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                raw = model.module if hasattr(model, "module") else model
-                torch.save({"model": model.state_dict(), "student": raw.state_dict(),
-                            "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                            "arch": config["student"], "num_classes": config["num_classes"],
-                            "preprocess": pre.spec()},
-                           os.path.join(d, "state.pt"))
-                ray.train.report({**metrics, "history": history},
-                                 checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        logits = torch.stack([t(p.normalise(batch[column])).float() for p, column, t in online], dim=1)
+    columns = {column for _, column, _ in online}
+    return {**{k: v for k, v in batch.items() if k not in columns}, "teacher_logits": logits}
 
 
 def pick_views(batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -281,3 +278,150 @@ def pick_views(batch: dict[str, torch.Tensor], generator: torch.Generator) -> di
         if key in batch:
             out[key] = batch[key][arange, pick]
     return out
+
+
+def train_epoch(state: TrainState, settings: LoopSettings, batches: Iterable[Batch], epoch: int, alpha: float,
+                temperature: float) -> EpochPass:
+    """One pass of training steps over `batches` (dicts of tensors on the model's device, one
+    step each: x uint8 [B, C, H, W], or [B, V, C, H, W] with V cached views, label, teachers'
+    targets). Sets state.first_step_at at the first step."""
+    t0, rows, replayed, waited = time.time(), 0, 0, 0.0
+    names, totals = None, None  # the loss parts' names, and their row-weighted sums in one tensor
+    views = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch * 1009 + state.rank)
+    ready = time.perf_counter()
+    for batch in batches:
+        waited += time.perf_counter() - ready
+        if state.online:
+            batch = with_online_targets(state.online, batch)
+        if batch["x"].dim() == 5:  # replayed augmentation: one of the cached views per sample
+            replayed = batch["x"].shape[1]
+            batch = pick_views(batch, views)
+        batch = {**batch, "x": settings.preprocess.normalise(batch["x"])}
+        parts = train_step(state.model, state.optimizer, batch, temperature, alpha, state.weights, settings.loss,
+                           settings.use_labels)
+        state.first_step_at = state.first_step_at or time.time()
+        n = len(batch["x"])
+        rows += n
+        # Two ops per step for all the parts (each tensor op costs microseconds of dispatch,
+        # a kernel launch on a GPU: a small student's step has few to spare).
+        if totals is None:
+            names = list(parts)
+            totals = torch.stack([parts[k] for k in names]) * n
+        else:
+            totals.add_(torch.stack([parts[k] for k in names]), alpha=n)
+        ready = time.perf_counter()
+    sums = dict(zip(names, totals.tolist(), strict=True)) if totals is not None else {}
+    return EpochPass(rows, time.time() - t0, sums, replayed, waited)
+
+
+def epoch_metrics(epoch: int, alpha: float, temperature: float, lr: float, trained: EpochPass,
+                  plain: EpochPass | None = None, first_step_at: float | None = None) -> dict[str, Any]:
+    """An epoch's metrics (before evaluation): throughput, schedules, the loss parts per row."""
+    # input_wait_s: the part of train_s spent waiting for the next batch (input-bound if large)
+    metrics = {"epoch": epoch, "rows": trained.rows, "samples_per_s": trained.rows / max(1e-9, trained.seconds),
+               "train_s": trained.seconds, "input_wait_s": trained.waited,
+               "alpha": alpha, "temperature": temperature, "lr": lr,
+               "replayed_views": trained.replayed, "first_step_at": first_step_at}
+    metrics.update({k: float(v) / max(1, trained.rows) for k, v in trained.sums.items()})
+    if plain is not None:
+        metrics.update({"plain_rows": plain.rows, "plain_train_s": plain.seconds,
+                        "plain_samples_per_s": plain.rows / max(1e-9, plain.seconds),
+                        "plain_input_wait_s": plain.waited})
+    return metrics
+
+
+def evaluate(model: torch.nn.Module, batches) -> tuple[float, int]:
+    """(accuracy, rows) of `model` over an iterable of {"x", "label"} batches."""
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for b in batches:
+            pred = model(b["x"]).argmax(-1)
+            correct += int((pred == b["label"]).sum())
+            total += len(pred)
+    return (correct / total if total else float("nan")), total
+
+
+def evaluate_holdout(state: TrainState, settings: LoopSettings, batches: Iterable[Batch]) -> dict[str, float]:
+    """Rank 0's held-out evaluation of the student on {"x" uint8, "label"} batches:
+    holdout_accuracy, holdout_rows and eval_s."""
+    t0 = time.time()
+    # The module inside DDP: DDP's forward broadcasts buffers (BatchNorm statistics),
+    # a collective that the other ranks, already training on, would never join.
+    model = getattr(state.model, "module", state.model)
+    acc, n = evaluate(model, ({**b, "x": settings.preprocess.normalise(b["x"])} for b in batches))
+    return {"holdout_accuracy": acc, "holdout_rows": n, "eval_s": time.time() - t0}
+
+
+def checkpoint_due(settings: LoopSettings, epoch: int) -> bool:
+    """Checkpoint (and report) after `epoch`? Every checkpoint_every epochs, and after the last."""
+    return epoch == settings.epochs - 1 or (epoch + 1) % settings.checkpoint_every == 0
+
+
+def checkpoint_state(state: TrainState, settings: LoopSettings, epoch: int) -> dict[str, Any]:
+    """What a checkpoint's state.pt holds: enough to resume (`resume`) and to export the
+    student alone (export.load_student: "student", "arch", "num_classes", "preprocess")."""
+    return {"model": state.model.state_dict(), "student": getattr(state.model, "module", state.model).state_dict(),
+            "optimizer": state.optimizer.state_dict(), "epoch": epoch, "history": state.history,
+            "arch": settings.student, "num_classes": settings.num_classes, "preprocess": settings.preprocess.spec()}
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's function on each worker; config["settings"] is the run's LoopSettings."""
+    import ray.train
+    import ray.train.torch
+
+    settings: LoopSettings = config["settings"]
+    ctx = ray.train.get_context()
+    state = setup(settings, ctx.get_world_rank(), ray.train.torch.get_device(), ray.train.torch.prepare_model)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resume: after a worker failure, or a rerun of the same run name
+        with checkpoint.as_directory() as d:
+            resume(state, torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True))
+    sink = MetricsSink(settings.run_uri, settings.storage_options) if state.rank == 0 else None
+    for epoch in range(state.start_epoch, settings.epochs):
+        if settings.inject_fault:
+            _inject_fault(settings.inject_fault, epoch, state.rank, settings.run_uri, settings.storage_options)
+        alpha, temperature = epoch_schedule(settings, epoch)
+        done: dict[str, EpochPass] = {}
+        for name in epoch_passes(settings.paired_plain, epoch):  # plain: labels alone, same workers and steps
+            done[name] = train_epoch(state, settings, _shard_steps(name, settings, state, epoch), epoch,
+                                     0.0 if name == "plain" else alpha, temperature)
+        metrics = epoch_metrics(epoch, alpha, temperature, state.optimizer.param_groups[0]["lr"], done["train"],
+                                done.get("plain"), state.first_step_at)
+        if state.rank == 0:  # every rank holds the same weights after the DDP step
+            if settings.evaluate:
+                holdout = ray.train.get_dataset_shard("holdout")
+                metrics.update(evaluate_holdout(state, settings,
+                                                holdout.iter_torch_batches(batch_size=512, device=state.device)))
+            metrics["world_size"] = ctx.get_world_size()
+            metrics["attempt_start"] = state.start_epoch  # > 0: this attempt resumed from a checkpoint
+            state.history.append(metrics)
+            sink.write(state.history)
+        if checkpoint_due(settings, epoch):
+            _report(state, settings, epoch, metrics)
+
+
+def _shard_steps(name: str, settings: LoopSettings, state: TrainState, epoch: int) -> Iterator[Batch]:
+    """This worker's share of dataset `name` for one epoch, locally shuffled, in steps."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    fetched = shard.iter_torch_batches(batch_size=fetch_rows(settings.batch_size), device=state.device,
+                                       local_shuffle_buffer_size=settings.shuffle_buffer,
+                                       local_shuffle_seed=settings.seed * 1000 + epoch * 10 + state.rank)
+    return split_batches(fetched, settings.batch_size)
+
+
+def _report(state: TrainState, settings: LoopSettings, epoch: int, metrics: dict[str, Any]) -> None:
+    """Report to Ray Train, rank 0 with a checkpoint and the history. Reports are collective
+    (every rank calls them) and block until Ray Train takes them, so they come every
+    `checkpoint_every` epochs, carrying the epochs since the last one."""
+    import ray.train
+
+    if state.rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(checkpoint_state(state, settings, epoch), os.path.join(d, CHECKPOINT_FILE))
+        ray.train.report({**metrics, "history": state.history}, checkpoint=ray.train.Checkpoint.from_directory(d))

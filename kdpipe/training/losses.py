@@ -24,11 +24,28 @@ Per experiment (`distillation_loss` arguments, never baked into the cache):
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from kdpipe.errors import ConfigError
 from kdpipe.training.choices import ENSEMBLES, KINDS, WEIGHTINGS
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """A run's choice of distillation term: distillation_loss's keyword arguments of that name
+    (temperatures: one per teacher, or None for all at the step's temperature)."""
+
+    temperatures: tuple[float, ...] | None = None
+    ensemble: str = "mean"
+    kind: str = "kl"
+    weighting: str = "fixed"
+
+    def kwargs(self) -> dict[str, object]:
+        return {"temperatures": self.temperatures, "ensemble": self.ensemble, "kind": self.kind,
+                "weighting": self.weighting}
 
 
 def teacher_distribution(teacher_logits: torch.Tensor, temperature: float,
@@ -133,7 +150,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         b = student_logits.shape[0]
         if teacher_topk is not None:
             if kind == "mse":
-                raise ValueError("loss mse compares logits and needs full labels (labels.mode: full)")
+                raise ConfigError("loss mse compares logits and needs full labels (labels.mode: full)")
             ids, probs, tail = teacher_topk
             k_teachers = ids.shape[1]
             w = sample_weights(k_teachers, b, weights, weighting, probs[..., 0], ids[..., 0], labels)

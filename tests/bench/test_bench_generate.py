@@ -54,6 +54,23 @@ def test_inputs_made_in_parallel_processes_equal_those_made_in_one(tmp_path, mon
         bg.write_inputs(str(tmp_path / "x"), rows=2, size=8, shards=1, image_format="gif")
 
 
+def test_stage_predictor_gets_generation_s_settings_and_matches_the_plain_loop(tmp_path):
+    """label_stage's actors (TimedPredictor around a TeacherPredictor) are built from
+    predictor_settings, as generation's are, and label as the plain loop does."""
+    from kdpipe.generation.pipeline import predictor_settings
+
+    cfg = bg.prepare(str(tmp_path), "t", 6, 16, 2, {"tiny": "tiny_cnn"}, 4)
+    keys, x = bg.local_pixels(cfg, "tiny")
+    view = bg.config.preprocess_for(cfg, "tiny").pixels_column()
+    settings = predictor_settings(cfg, cfg.teachers[0], bg.actor_plan(2, 1), drop=[view])
+    assert settings.name == "tiny" and settings.drop == (settings.column,) and settings.shard_ids is None
+    out = bg.TimedPredictor(settings)({settings.column: x, "sample_key": np.asarray(keys, dtype=object),
+                                       "shard_id": np.full(len(keys), "s", dtype=object)})
+    plain, _ = bg.plain_loop(bg.load_model(cfg, "tiny"), x, 4)
+    assert settings.column not in out and (out["t_end"] >= out["t_start"]).all()
+    assert np.allclose(out["logits__tiny"], plain, atol=1e-5) and out["labelled__tiny"].all()
+
+
 def test_rounds_alternate_and_actor_plans_fit():
     assert [bg._order(["a", "b", "c"], r)[0] for r in range(3)] == ["a", "b", "c"]
     for cpus in (1, 2, 16):

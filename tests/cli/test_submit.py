@@ -21,15 +21,10 @@ import pytest
 
 from kdpipe import cli
 from kdpipe.cli import submit
+from kdpipe.errors import ConfigError, StorageMissing
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 DIGITS_YAML = os.path.join(ROOT, "jobs", "configs", "digits.yaml")
-
-
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="kdpipe")
-    submit.add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["submit", *argv])
 
 
 def free_ports(n: int) -> list[int]:
@@ -105,16 +100,16 @@ def test_job_names_and_paths(tmp_path):
     jobs.mkdir()
     (jobs / "sweep.py").write_text("print('hi')\n")
     assert submit.find_job_file(str(jobs / "sweep.py")) == jobs / "sweep.py"
-    with pytest.raises(ValueError, match="unknown job 'generat'"):
+    with pytest.raises(ConfigError, match="unknown job 'generat'"):
         submit.find_job_file("generat")
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(StorageMissing, match="does not exist"):
         submit.find_job_file(str(jobs / "missing.py"))
 
 
 def test_secret_looking_storage_options_are_refused():
     from kdpipe.config import load_config
 
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ConfigError) as e:
         submit.check_no_secrets(load_config(None, [
             "cache.storage_options={key: AKIAEXAMPLE, secret: s3cr3t, client_kwargs: {endpoint_url: 'http://x'}}"]))
     msg = str(e.value)
@@ -151,8 +146,8 @@ def test_address_precedence(monkeypatch):
 
 def test_bad_config_key_fails_before_any_submission(tmp_path, capsys):
     # The address has no cluster: only a failure before connecting names the config key.
-    args = parse("--address", closed_address(), "generate", DIGITS_YAML, "--set", "labels.temprature=3")
-    assert submit.run(args, cli._emit) == 2
+    assert cli.main(["submit", "--address", closed_address(), "generate", DIGITS_YAML,
+                     "--set", "labels.temprature=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'labels.temprature'" in err and "cannot reach" not in err
 
@@ -160,16 +155,25 @@ def test_bad_config_key_fails_before_any_submission(tmp_path, capsys):
 def test_secrets_in_the_config_fail_before_any_submission(tmp_path, capsys):
     cfg = write_config(tmp_path / "s3.yaml", "cache:\n  root: s3://bucket/cache\n  storage_options:\n"
                                              "    key: AKIAEXAMPLE\n    secret: not-for-the-cluster\n")
-    assert submit.run(parse("--address", closed_address(), "generate", cfg), cli._emit) == 2
+    assert cli.main(["submit", "--address", closed_address(), "generate", cfg]) == 2
     err = capsys.readouterr().err
     assert "refusing to submit credentials" in err and "cache.storage_options.secret" in err
     assert "not-for-the-cluster" not in err and "cannot reach" not in err
 
 
+def test_missing_runtime_env_file_exits_2_naming_it(tmp_path, capsys):
+    missing = tmp_path / "runtime_env.yaml"
+    assert cli.main(["submit", "--address", closed_address(), "generate", DIGITS_YAML,
+                     "--runtime-env", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"kdpipe submit: error: runtime env file (--runtime-env) '{missing}' does not exist" in err
+    assert "Traceback" not in err and "cannot reach" not in err
+
+
 def test_no_cluster_exits_2_naming_the_address(tmp_path, capsys):
     address = closed_address()
     cfg = write_config(tmp_path / "c.yaml", f"workdir: {tmp_path}\n")
-    assert submit.run(parse("--address", address, "generate", cfg), cli._emit) == 2
+    assert cli.main(["submit", "--address", address, "generate", cfg]) == 2
     err = capsys.readouterr().err
     assert f"cannot reach a Ray cluster's Jobs API at '{address}'" in err and "--address" in err
 

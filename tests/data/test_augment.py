@@ -4,6 +4,8 @@ Ray runs (generation's `read_teacher_inputs`, training's `read_joined_shard`), c
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +13,11 @@ import torch
 from kdpipe import storage
 from kdpipe.config import ConfigError, DataConfig, load_config
 from kdpipe.data import images, inputs, readers
+from kdpipe.generation import planning
 from kdpipe.labels import cache, codec, softlabels
 from kdpipe.teachers.models import build_model
 from kdpipe.training import join
+from kdpipe.training.join import JoinPlan, MeanTarget, TeacherUnits
 
 AUGMENT = {"views": 3, "seed": 7, "crop_scale": [0.3, 1.0], "flip": True}
 
@@ -50,9 +54,9 @@ def _label(tmp_path, source, s, geometry, fmt="parquet", mode="full", augment=AU
     fs, path = storage.filesystem(directory)
     data = codec.encode_unit(keys, logits, mode, 4, 2.0, "float32", fmt, 1024, batch.get("aug"))
     record = cache.write_unit(fs, path, {"shard_id": s.shard_id, "uri": s.uri, "token": s.token}, data, fmt, keys, {})
-    unit = {"teacher": f"t{seed}", "directory": directory, "storage_options": {}, "mode": mode, "format": fmt,
-            "k": 4 if mode == "topk" else None, "temperature": 2.0, "augment": augment,
-            "records": {s.shard_id: record}}
+    unit = TeacherUnits(teacher=f"t{seed}", directory=directory, storage_options={}, mode=mode, format=fmt,
+                        k=4 if mode == "topk" else None, temperature=2.0, augment=augment,
+                        records={s.shard_id: record})
     return batch, dict(zip(keys, logits, strict=True)), unit
 
 
@@ -78,8 +82,8 @@ def test_replayed_view_is_the_labelled_view_pixel_for_pixel(tmp_path, shard, fmt
     seen = {str(k): batch["x_t"][i] for i, k in enumerate(batch["sample_key"])}
 
     out = join.read_joined_shard({"shard_id": np.asarray([s.shard_id])}, source, {s.shard_id: s}, geometry,
-                                     [unit], {"temperatures": [2.0], "num_classes": 10, "replay": v,
-                                              "topk_k": 4 if mode == "topk" else None})
+                                 [unit], JoinPlan(num_classes=10, temperatures=(2.0,), replay=v,
+                                                  topk_k=4 if mode == "topk" else None))
     keys = sorted(f"img/{i:03d}" for i in range(n))
     assert out["x"].shape == (n, v, 3, 12, 12) and out["x"].dtype == np.uint8
     for i, key in enumerate(keys):
@@ -92,8 +96,8 @@ def test_replayed_view_is_the_labelled_view_pixel_for_pixel(tmp_path, shard, fmt
         np.testing.assert_allclose(out["teacher_logits"][:, :, 0], want, rtol=1e-6)
         # The mean-ensemble target formed when read: one distribution per view, of those logits
         ens = join.read_joined_shard({"shard_id": np.asarray([s.shard_id])}, source, {s.shard_id: s}, geometry,
-                                         [unit], {"temperatures": [2.0], "num_classes": 10, "replay": v, "topk_k": None,
-                                                  "ensemble": {"weights": [1.0], "temperatures": [2.0]}})
+                                     [unit], JoinPlan(num_classes=10, temperatures=(2.0,), replay=v,
+                                                      ensemble=MeanTarget(weights=(1.0,), temperatures=(2.0,))))
         assert "teacher_logits" not in ens and ens["teacher_probs"].shape == (n, v, 10)
         np.testing.assert_allclose(ens["teacher_probs"], softlabels.softmax(want, 2.0), rtol=1e-5, atol=1e-7)
         assert np.array_equal(ens["x"], out["x"])
@@ -104,8 +108,8 @@ def test_replayed_view_is_the_labelled_view_pixel_for_pixel(tmp_path, shard, fmt
 
     # Without replay the same units give the plain rows only.
     plain = join.read_joined_shard({"shard_id": np.asarray([s.shard_id])}, source, {s.shard_id: s}, geometry,
-                                       [unit], {"temperatures": [2.0], "num_classes": 10,
-                                                "topk_k": 4 if mode == "topk" else None})
+                                   [unit], JoinPlan(num_classes=10, temperatures=(2.0,),
+                                                    topk_k=4 if mode == "topk" else None))
     assert plain["x"].shape == (n, 3, 12, 12)
     assert all(np.array_equal(plain["x"][i], seen[k]) for i, k in enumerate(keys))
 
@@ -116,7 +120,7 @@ def test_a_student_with_another_geometry_replays_the_same_boxes(tmp_path, shard)
     student = {"channels": 1, "resize": None, "size": [8, 8]}
     _, _, unit = _label(tmp_path, source, s, teacher)
     out = join.read_joined_shard({"shard_id": np.asarray([s.shard_id])}, source, {s.shard_id: s}, student,
-                                     [unit], {"temperatures": [2.0], "num_classes": 10, "replay": 3})
+                                 [unit], JoinPlan(num_classes=10, temperatures=(2.0,), replay=3))
     samples = readers.read_samples(s, source)
     order = np.argsort(np.asarray(samples.keys))
     params = readers.sample_params([samples.keys[i] for i in order], AUGMENT)
@@ -128,17 +132,17 @@ def test_replay_refuses_units_without_views_or_with_other_views(tmp_path, shard)
     source, s = shard
     geometry = {"channels": 3, "resize": 14, "size": [12, 12]}
     batch = {"shard_id": np.asarray([s.shard_id])}
-    data = {"temperatures": [2.0, 2.0], "num_classes": 10, "replay": 3}
+    plan = JoinPlan(num_classes=10, temperatures=(2.0, 2.0), replay=3)
     _, _, with_views = _label(tmp_path, source, s, geometry, seed=1)
     _, _, plain = _label(tmp_path, source, s, geometry, augment=None, seed=2)
     with pytest.raises(ValueError, match="generate with labels.views > 0"):
-        join.read_joined_shard(batch, source, {s.shard_id: s}, geometry, [plain], {**data, "temperatures": [2.0]})
+        join.read_joined_shard(batch, source, {s.shard_id: s}, geometry, [plain], replace(plan, temperatures=(2.0,)))
     _, _, other_seed = _label(tmp_path, source, s, geometry, augment={**AUGMENT, "seed": 8}, seed=3)
     with pytest.raises(ValueError, match="views differ"):
-        join.read_joined_shard(batch, source, {s.shard_id: s}, geometry, [with_views, other_seed], data)
+        join.read_joined_shard(batch, source, {s.shard_id: s}, geometry, [with_views, other_seed], plan)
     with pytest.raises(ValueError, match="fewer than 5 views"):
         join.read_joined_shard(batch, source, {s.shard_id: s}, geometry, [with_views],
-                                   {**data, "temperatures": [2.0], "replay": 5})
+                               replace(plan, temperatures=(2.0,), replay=5))
 
 
 def test_view_settings_are_shared_by_all_teachers_and_validated():
@@ -149,6 +153,6 @@ def test_view_settings_are_shared_by_all_teachers_and_validated():
     with pytest.raises(ConfigError, match="train.augment"):
         load_config(None, ["train.augment=random"])
     cfg = load_config(None, ["labels.views=2"])
-    settings = cache.settings_from_config(cfg, "cnn")
+    settings = planning.label_settings_for(cfg, "cnn")
     assert settings["augment"] == {"views": 2, "seed": 0, "crop_scale": [0.5, 1.0], "flip": True}
-    assert "augment" not in cache.settings_from_config(load_config(None), "cnn")  # old caches keep their hash
+    assert "augment" not in planning.label_settings_for(load_config(None), "cnn")  # old caches keep their hash

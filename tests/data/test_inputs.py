@@ -238,3 +238,109 @@ def test_skip_list_travels_with_the_first_row(tmp_path):
                                {"v": {"channels": 1, "resize": None, "size": [8, 8]}})
     assert rows["placeholder"].tolist() == [True] and rows["shard_rows"].tolist() == [0]
     assert json.loads(rows["skipped"][0])[0]["key"] == "bad"
+
+
+# --- the source spec ------------------------------------------------------------------------------
+
+
+def test_source_spec_is_frozen_and_pickles(tmp_path):
+    import dataclasses
+    import pickle
+
+    import cloudpickle
+
+    d = _data(str(tmp_path), "parquet", storage_options={"anon": True, "client_kwargs": {"region_name": "x"}},
+              class_names=[str(i) for i in range(10)])
+    spec = inputs.source_spec(d, check_holdout=False)
+    assert isinstance(spec, inputs.SourceSpec)
+    assert spec.pixel_shape == (1, 8, 8) and spec.class_names == tuple(str(i) for i in range(10))
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):  # Ray: cloudpickle
+        back = loads(dumps(spec))
+        assert back == spec and back is not spec
+        assert back.storage_options == {"anon": True, "client_kwargs": {"region_name": "x"}}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.on_bad_sample = "skip"
+    d.storage_options["anon"] = False  # the spec holds its own copy
+    d.class_names.append("ten")
+    assert spec.storage_options["anon"] is True and len(spec.class_names) == 10
+
+
+SHARDS = [inputs.InputShard(f"part-{i}-0000000{i}", f"/x/part-{i}.parquet", 10, {"size": i}) for i in (2, 0, 1)]
+
+
+def _old_fingerprint(shards, data: config.DataConfig, class_names: list[str]) -> str:
+    """The fingerprint as kdpipe computed it from the plain-dict source spec it used to have."""
+    import hashlib
+
+    what = {"format": data.format, "key_column": data.key_column, "image_column": data.image_column,
+            "label_column": data.label_column}
+    if data.format == "parquet":
+        what["pixel_shape"] = list(data.pixel_shape or data.image_shape)
+    if data.format == "imagefolder":
+        what["class_names"] = list(class_names)
+    body = json.dumps({"shards": sorted(s.shard_id for s in shards), "source": what}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("over, pinned", [
+    ({}, "590a6b770a76ddac"),
+    ({"label_column": None, "pixel_shape": [1, 8, 8], "key_column": "k"}, "053c3b03f0747fcb"),
+    ({"format": "webdataset"}, "fdee42dd65a97718"),
+    ({"image_shape": [3, 32, 32], "class_names": [str(i) for i in range(10)]}, "3dd9f19fb8cb0d08"),
+])
+def test_fingerprint_is_what_it_was_before_the_typed_spec(over, pinned):
+    """Fingerprints name cache directories: existing caches must keep matching. `pinned` was
+    computed by kdpipe before the spec became a dataclass."""
+    d = config.DataConfig(train="/nowhere", **over)
+    spec = inputs.source_spec(d, check_holdout=False)
+    assert inputs.fingerprint(SHARDS, spec) == _old_fingerprint(SHARDS, d, d.class_names) == pinned
+    assert inputs.fingerprint(SHARDS[:2], spec) != pinned  # the shards count
+
+
+def test_imagefolder_fingerprint_is_what_it_was_and_follows_the_class_order(tmp_path):
+    _write(str(tmp_path), "imagefolder", idx=np.array([i for i in IDX if DIGITS.target[i] < 2]))
+    d = _data(str(tmp_path), "imagefolder", num_classes=2)
+    spec = inputs.source_spec(d, check_holdout=False)
+    assert spec.class_names == ("0", "1")
+    shards = inputs.list_shards(d.train, spec)
+    assert inputs.fingerprint(shards, spec) == _old_fingerprint(shards, d, ["0", "1"])
+    d.class_names = ["1", "0"]  # other labels, other labels' cache
+    swapped = inputs.source_spec(d, check_holdout=False)
+    assert inputs.fingerprint(shards, swapped) == _old_fingerprint(shards, d, ["1", "0"]) != \
+        inputs.fingerprint(shards, spec)
+    hand = inputs.SourceSpec("imagefolder", {}, "sample_key", "image", "label", (1, 8, 8), ("cat", "dog"), 2,
+                             "error", 1000)
+    assert inputs.fingerprint(SHARDS, hand) == "d92977acb889d2ca"  # computed before the spec was typed
+
+
+# --- kdpipe errors --------------------------------------------------------------------------------
+
+
+def test_a_bad_sample_is_an_input_error_naming_the_shard_and_key(tmp_path):
+    from kdpipe.errors import InputError, KdpipeError
+
+    (tmp_path / "train").mkdir()
+    good = images.encode_png(DIGITS.images[0].astype(np.uint8))
+    pq.write_table(pa.table({"sample_key": ["a", "b"], "image": [good, b"not an image"], "label": [1, 2]}),
+                   str(tmp_path / "train" / "x.parquet"))
+    with pytest.raises(InputError) as e:
+        _read_all(_data(str(tmp_path), "parquet"))
+    assert isinstance(e.value, KdpipeError) and isinstance(e.value, ValueError)  # the CLI's, and the builtin
+    message = str(e.value)
+    assert f"input shard file://{tmp_path}/train/x.parquet: sample 'b': not a readable image" in message, message
+
+
+def test_missing_and_unlisted_inputs_are_kdpipe_errors(tmp_path):
+    from kdpipe.errors import InputError, StorageMissing
+
+    d = _data(str(tmp_path), "parquet")
+    with pytest.raises(StorageMissing, match=r"input dataset '.*train' does not exist: check data.train"):
+        inputs.list_shards(d.train, inputs.source_spec(d, False))
+    (tmp_path / "train").mkdir()
+    with pytest.raises(InputError, match=r"input dataset '.*train' holds no .parquet files"):
+        inputs.list_shards(d.train, inputs.source_spec(d, False))
+
+
+def test_an_unknown_protocol_is_a_config_error_naming_the_uri():
+    with pytest.raises(config.ConfigError, match=r"URI 'nosuchproto://b/k': .*nosuchproto"):
+        storage.filesystem("nosuchproto://b/k")

@@ -8,7 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from kdpipe.labels import codec, softlabels
+from kdpipe import storage
+from kdpipe.errors import CacheError, CacheMissing, InputError, KdpipeError
+from kdpipe.labels import cache, codec, softlabels
 
 
 def test_softmax_matches_direct_formula_and_sums_to_one():
@@ -46,8 +48,24 @@ def test_unit_bytes_are_deterministic():
 def test_non_finite_teacher_output_is_refused_naming_the_sample():
     z = np.zeros((3, 4), dtype=np.float32)
     z[2, 1] = np.nan
-    with pytest.raises(ValueError, match="'s2'"):
+    with pytest.raises(ValueError, match="'s2'") as e:
         softlabels.check_finite(z, ["s0", "s1", "s2"], "teacher 't'")
+    assert isinstance(e.value, InputError)
+
+
+def test_labels_a_command_needs_but_the_cache_lacks_are_cache_errors(tmp_path):
+    """No ref, no manifest, a manifest of another schema: errors the CLI prints (KdpipeError,
+    exit status 2), still the FileNotFoundError / ValueError they were."""
+    fs, root = storage.filesystem(str(tmp_path))
+    with pytest.raises(CacheMissing, match=r"teacher 'ghost' has no labels .*run `kdpipe generate`") as e:
+        cache.resolve_manifest(fs, root, "ghost", "fp", "abcd1234")
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, KdpipeError)
+    with pytest.raises(CacheMissing, match=r"no committed labels for 'ghost@0123' \(digest 0123\)"):
+        cache.resolve_manifest(fs, root, "ghost@0123", "fp", "abcd1234")
+    directory = cache.unit_dir(root, "ghost", "0123", "fp", "abcd1234")
+    storage.write_json(fs, storage.join(directory, cache.MANIFEST), {"schema_version": 99})
+    with pytest.raises(CacheError, match="schema version 99 is not supported"):
+        cache.read_manifest(fs, directory)
 
 
 def test_quality_figures():

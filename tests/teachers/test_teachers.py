@@ -1,8 +1,9 @@
 """Teacher checks before any work: missing checkpoint, wrong class count, wrong architecture,
-unsafe pickles; and the batch predictor against a direct forward pass."""
+unsafe pickles; and the batch predictor (built from its frozen settings) against a direct forward pass."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 
@@ -11,9 +12,16 @@ import pytest
 import torch
 
 from kdpipe.data.images import make_preprocess
-from kdpipe.teachers.checkpoints import inspect_teacher, save_checkpoint
+from kdpipe.errors import ConfigError, StorageMissing
+from kdpipe.teachers.checkpoints import inspect_teacher, load_teacher, save_checkpoint
 from kdpipe.teachers.models import build_model
-from kdpipe.teachers.predictor import TeacherPredictor, logits_column, mask_column
+from kdpipe.teachers.predictor import (
+    PredictorSettings,
+    TeacherPredictor,
+    logits_column,
+    mask_column,
+)
+from kdpipe.testing import faults
 
 PRE = {"image_shape": [1, 8, 8], "scale": 0.0625}
 
@@ -22,6 +30,12 @@ def _save(tmp_path, arch, classes):
     path = str(tmp_path / f"{arch}-{classes}.pt")
     save_checkpoint(build_model(arch, classes, (1, 8, 8)), path, {}, arch, classes, {"holdout_accuracy": 0.5})
     return path
+
+
+def _settings(path, pre, **kw) -> PredictorSettings:
+    """Teacher 't', a cnn for 10 classes, reading the column 'view'."""
+    return PredictorSettings(name="t", arch="cnn", checkpoint=path, storage_options={}, num_classes=10,
+                             preprocess=pre, column="view", **kw)
 
 
 def test_inspect_gives_stable_digest_and_metrics(tmp_path):
@@ -38,18 +52,21 @@ def test_missing_checkpoint_names_teacher_and_path(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         inspect_teacher("big", "cnn", missing, {}, 10, (1, 8, 8), PRE)
     assert "'big'" in str(e.value) and missing in str(e.value)
+    assert isinstance(e.value, StorageMissing)  # a user's error: the CLI prints it, exit status 2
 
 
 def test_class_count_mismatch_names_teacher(tmp_path):
     path = _save(tmp_path, "mlp", 100)
-    with pytest.raises(ValueError, match=r"teacher 'r50' gives 100 classes, the dataset has 10"):
+    with pytest.raises(ConfigError, match=r"teacher 'r50' gives 100 classes, the dataset has 10"):
         inspect_teacher("r50", "mlp", path, {}, 10, (1, 8, 8), PRE)
 
 
 def test_checkpoint_for_another_architecture(tmp_path):
     path = _save(tmp_path, "mlp", 10)
-    with pytest.raises(ValueError, match="does not fit architecture 'cnn'"):
+    with pytest.raises(ConfigError, match="does not fit architecture 'cnn'"):
         inspect_teacher("t", "cnn", path, {}, 10, (1, 8, 8), PRE)
+    with pytest.raises(ConfigError, match="unknown architecture 'resnet_9000'"):
+        build_model("resnet_9000", 10, (3, 32, 32))
 
 
 class Evil:
@@ -69,7 +86,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
 def test_predictor_matches_direct_forward_and_masks_other_shards(tmp_path):
     path = _save(tmp_path, "cnn", 10)
     pre = make_preprocess([1, 8, 8], None, 1 / 16, [0.5], [0.25])
-    pred = TeacherPredictor("t", "cnn", path, {}, 10, pre, "view", shard_ids=["a"])
+    pred = TeacherPredictor(_settings(path, pre, shard_ids=("a",)))
     x = np.random.default_rng(0).integers(0, 17, (6, 1, 8, 8), dtype=np.uint8)
     out = pred({"view": x, "shard_id": np.array(["a", "b", "a", "a", "b", "a"], dtype=object),
                 "placeholder": np.array([False, False, False, True, False, False])})
@@ -81,6 +98,40 @@ def test_predictor_matches_direct_forward_and_masks_other_shards(tmp_path):
         direct = model.eval()((torch.from_numpy(x).float() / 16 - 0.5) / 0.25).numpy()
     assert np.allclose(out[logits_column("t")][mask], direct[mask], atol=1e-5)
     assert not out[logits_column("t")][~mask].any()
+
+
+def test_predictor_settings_are_a_frozen_message_that_pickles(tmp_path):
+    """Ray pickles the settings to every actor of the pool: they must come back equal, and no
+    actor may change them."""
+    pre = make_preprocess([1, 8, 8], None, 1 / 16, [0.5], [0.25])
+    fault = faults.for_cache("teacher_exit:teacher=t:call=2", str(tmp_path / "cache"), {})
+    settings = _settings(str(tmp_path / "t.pt"), pre, shard_ids=("a", "b"), num_threads=2, fault=fault,
+                         precision="bf16", drop=("view",))
+    back = pickle.loads(pickle.dumps(settings))
+    assert back == settings and back is not settings
+    assert back.preprocess == pre and back.fault == fault and back.shard_ids == ("a", "b")
+    assert back != dataclasses.replace(settings, shard_ids=("a",))  # equality compares the fields
+    assert hash(back) == hash(settings)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.shard_ids = None
+
+
+def test_predictor_from_settings_labels_as_the_loaded_teacher(tmp_path):
+    """A predictor built from (pickled) settings gives, bit for bit, the logits of load_teacher's
+    model on the normalised batch, marks every row labelled and drops the columns in `drop`."""
+    path = _save(tmp_path, "cnn", 10)
+    pre = make_preprocess([1, 8, 8], None, 1 / 16, [0.5], [0.25])
+    settings = pickle.loads(pickle.dumps(_settings(path, pre, device="cpu", drop=("view",))))
+    x = np.random.default_rng(2).integers(0, 17, (7, 1, 8, 8), dtype=np.uint8)
+    keys = np.array([f"k{i}" for i in range(7)], dtype=object)
+    out = TeacherPredictor(settings)({"view": x, "sample_key": keys, "shard_id": np.full(7, "a", dtype=object)})
+    model = load_teacher("t", "cnn", path, {}, 10, (1, 8, 8))
+    with torch.inference_mode():
+        want = model(pre.normalise(torch.from_numpy(x))).numpy()
+    got = out[logits_column("t")]
+    assert got.dtype == np.float32 and got.shape == (7, 10) and np.abs(want).max() > 0
+    assert np.array_equal(got, want)
+    assert out[mask_column("t")].all() and "view" not in out and list(out["sample_key"]) == list(keys)
 
 
 USER_MODULE = '''
@@ -149,8 +200,8 @@ def test_bf16_precision_runs_under_autocast_and_is_part_of_the_digest(tmp_path):
     pre = make_preprocess([1, 8, 8], None, 1 / 16, [0.5], [0.25])
     x = np.random.default_rng(1).integers(0, 17, (32, 1, 8, 8), dtype=np.uint8)
     batch = {"view": x, "shard_id": np.full(32, "a", dtype=object)}
-    fp32 = TeacherPredictor("t", "cnn", path, {}, 10, pre, "view", None, device="cpu")(dict(batch))
-    bf16 = TeacherPredictor("t", "cnn", path, {}, 10, pre, "view", None, device="cpu", precision="bf16")(dict(batch))
+    fp32 = TeacherPredictor(_settings(path, pre, device="cpu"))(dict(batch))
+    bf16 = TeacherPredictor(_settings(path, pre, device="cpu", precision="bf16"))(dict(batch))
     a, b = fp32[logits_column("t")], bf16[logits_column("t")]
     assert b.dtype == np.float32 and not np.array_equal(a, b)  # bf16 compute, float32 labels
     assert np.abs(a - b).max() < 0.05 * max(1.0, np.abs(a).max())

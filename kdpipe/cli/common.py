@@ -1,0 +1,89 @@
+"""What every `kdpipe` command shares: the config arguments, the config they load, and a stdout
+that carries only the result (`emit`), whatever Ray and the libraries print meanwhile."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from kdpipe.config import Config, load_config, resolve_paths
+
+Emit = Callable[[argparse.Namespace, dict, str], None]
+
+# The grammar of kdpipe.config.parse_duration, for the help of every flag that takes a duration.
+DURATION_HELP = "seconds, or numbers with s, m, h, d or w, combinable: 90, 30m, 1h30m, 7d, 2w"
+
+
+def add_config_args(p: argparse.ArgumentParser, config_required: bool) -> None:
+    if config_required:
+        p.add_argument("config", help="YAML config file (see jobs/configs/)")
+    else:
+        p.add_argument("--config", default=None, help="YAML config file (default: the built-in demo config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set labels.temperature=2 (repeatable)")
+    p.add_argument("--workdir", default=None, help="shortcut for --set workdir=DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def config(args: argparse.Namespace, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config named by the command's arguments (add_config_args), `--workdir` first, then the
+    `--set` overrides, then `overrides` (a command's own flags, e.g. `cache --root`)."""
+    ordered = ([f"workdir={args.workdir}"] if args.workdir else []) + list(args.overrides) + list(overrides)
+    return resolve_paths(load_config(args.config, ordered))
+
+
+def config_with_data(args: argparse.Namespace) -> Config:
+    """`config(args)`, with the built-in dataset written first if the config names one and it is missing."""
+    from kdpipe.data import digits
+
+    cfg = config(args)
+    if cfg.data.builtin:
+        digits.ensure_builtin(cfg.data)
+    return cfg
+
+
+_RESULTS = None  # where results go: the process's real stdout (see stdout_for_results_only)
+
+
+def emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
+    """Print a command's result: `obj` as one JSON line with --json, else `text`."""
+    out = _RESULTS or sys.stdout
+    print(json.dumps(obj, default=float) if args.json else text, file=out, flush=True)
+
+
+@contextlib.contextmanager
+def stdout_for_results_only() -> Iterator[None]:
+    """Point file descriptor 1 at stderr while a command runs, so that whatever Ray or a library
+    prints (e.g. the raylet's worker-count warnings, which reach the driver's stdout) lands among
+    the diagnostics, and stdout carries only the result (`--json` stays parseable)."""
+    global _RESULTS
+    try:
+        redirect = sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # stdout replaced (e.g. captured): leave it be
+        redirect = False
+    if not redirect:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    _RESULTS = os.fdopen(os.dup(saved), "w")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        _RESULTS.close()
+        _RESULTS = None
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def say(text: str) -> None:
+    """A progress line for the person watching: stderr, never the results' stdout."""
+    print(text, file=sys.stderr)
