@@ -135,7 +135,8 @@ class TrainConfig:
     cpus_per_worker: float | None = None  # None = sized from the cluster
     seed: int = 0
     shuffle_buffer: int = 512
-    checkpoint_every: int = 1  # epochs between checkpoints (and reports to Ray Train); the last epoch always
+    checkpoint_every: int = 0  # epochs between checkpoints (and reports to Ray Train); 0: by time only; the last epoch always
+    checkpoint_every_s: float = 60.0  # and whenever this long has passed since the last one (a report costs ~2 s)
     keep_checkpoints: int = 2  # the newest N checkpoints are kept in storage_path; older ones are deleted
     preload: str = "auto"  # auto | always | never: decode+join once into Ray's object store
     storage_path: str = ""  # checkpoints and metrics; "" = <workdir>/runs
@@ -240,8 +241,10 @@ def validate_train_loop(tr: TrainConfig) -> None:
         raise _bad("train.temperature", tr.temperature, "must be > 0")
     if tr.preload not in ("auto", "always", "never"):
         raise _bad("train.preload", tr.preload, "use auto, always or never")
-    if tr.checkpoint_every < 1:
-        raise _bad("train.checkpoint_every", tr.checkpoint_every, "must be >= 1")
+    if tr.checkpoint_every < 0:
+        raise _bad("train.checkpoint_every", tr.checkpoint_every, "epochs between checkpoints: 0 (by time only) or more")
+    if not tr.checkpoint_every_s > 0:  # also refuses NaN
+        raise _bad("train.checkpoint_every_s", tr.checkpoint_every_s, "seconds between checkpoints: must be > 0")
     if tr.keep_checkpoints < 1:
         raise _bad("train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1 (the last one resumes the run)")
     if tr.num_workers < 1:

@@ -66,8 +66,9 @@ class LoopSettings:
     weights: tuple[float, ...] = ()  # one per teacher; () = equal
     loss: LossOptions = field(default_factory=LossOptions)
     shuffle_buffer: int = 512
-    checkpoint_every: int = 1  # epochs between checkpoints and reports; the last epoch always
-    evaluate: bool = False  # rank 0 evaluates on the "holdout" dataset after every epoch
+    checkpoint_every: int = 0  # epochs between checkpoints and reports (0: by time only); the last epoch always
+    checkpoint_every_s: float = 60.0  # and whenever this long has passed since the last one
+    evaluate: bool = False  # every rank evaluates its share of the "holdout" dataset after every epoch
     inject_fault: str = ""  # test-only, see _inject_fault
     online_teachers: tuple[OnlineTeacher, ...] = ()
     paired_plain: bool = False  # benchmarks only: a pass of plain steps over "plain" every epoch too
@@ -89,6 +90,7 @@ class TrainState:
     start_epoch: int = 0  # > 0: this attempt resumed from a checkpoint
     history: list[dict[str, Any]] = field(default_factory=list)  # rank 0's metrics, one dict per epoch
     first_step_at: float | None = None  # wall clock of this attempt's first optimiser step
+    checkpointed_at: float = field(default_factory=time.time)  # wall clock of the last checkpoint (or the start)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,10 @@ class EpochPass:
     sums: dict[str, float]  # each loss part summed over the rows (a step's value times its rows)
     replayed: int  # views per sample in the rows read (replayed augmentation; 0 without)
     waited: float  # of `seconds`, the time spent waiting for the next batch (input-bound if large)
+    first_step_s: float = float("nan")  # from the pass's start to its first step done
+    steps: int = 0
+    batch_classes: float = 0.0  # distinct labels summed over the steps (labelled rows only)
+    class_counts: tuple[int, ...] = ()  # labelled rows per class seen in the pass
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
@@ -285,8 +291,9 @@ def train_epoch(state: TrainState, settings: LoopSettings, batches: Iterable[Bat
     """One pass of training steps over `batches` (dicts of tensors on the model's device, one
     step each: x uint8 [B, C, H, W], or [B, V, C, H, W] with V cached views, label, teachers'
     targets). Sets state.first_step_at at the first step."""
-    t0, rows, replayed, waited = time.time(), 0, 0, 0.0
+    t0, rows, replayed, waited, first_step_s, steps = time.time(), 0, 0, 0.0, float("nan"), 0
     names, totals = None, None  # the loss parts' names, and their row-weighted sums in one tensor
+    mix = ClassMix(settings.num_classes, state.device)
     views = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch * 1009 + state.rank)
     ready = time.perf_counter()
     for batch in batches:
@@ -300,6 +307,11 @@ def train_epoch(state: TrainState, settings: LoopSettings, batches: Iterable[Bat
         parts = train_step(state.model, state.optimizer, batch, temperature, alpha, state.weights, settings.loss,
                            settings.use_labels)
         state.first_step_at = state.first_step_at or time.time()
+        if not steps:
+            first_step_s = time.time() - t0
+        steps += 1
+        if "label" in batch:
+            mix.add(batch["label"])
         n = len(batch["x"])
         rows += n
         # Two ops per step for all the parts (each tensor op costs microseconds of dispatch,
@@ -311,7 +323,29 @@ def train_epoch(state: TrainState, settings: LoopSettings, batches: Iterable[Bat
             totals.add_(torch.stack([parts[k] for k in names]), alpha=n)
         ready = time.perf_counter()
     sums = dict(zip(names, totals.tolist(), strict=True)) if totals is not None else {}
-    return EpochPass(rows, time.time() - t0, sums, replayed, waited)
+    distinct, counts = mix.read()
+    return EpochPass(rows, time.time() - t0, sums, replayed, waited, first_step_s, steps, distinct, counts)
+
+
+class ClassMix:
+    """How mixed an epoch's batches are: distinct labels per batch and rows per class, counted
+    on the model's device (no wait for it per step) and read once per epoch."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.distinct = torch.zeros((), dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self.seen = False
+
+    def add(self, label: torch.Tensor) -> None:
+        present = torch.zeros_like(self.counts).index_fill_(0, label.long(), 1.0)
+        self.distinct += present.sum()
+        self.counts.index_add_(0, label.long(), torch.ones_like(label, dtype=self.counts.dtype))
+        self.seen = True
+
+    def read(self) -> tuple[float, tuple[int, ...]]:
+        if not self.seen:
+            return 0.0, ()
+        return float(self.distinct), tuple(int(c) for c in self.counts.tolist())
 
 
 def epoch_metrics(epoch: int, alpha: float, temperature: float, lr: float, trained: EpochPass,
@@ -319,7 +353,7 @@ def epoch_metrics(epoch: int, alpha: float, temperature: float, lr: float, train
     """An epoch's metrics (before evaluation): throughput, schedules, the loss parts per row."""
     # input_wait_s: the part of train_s spent waiting for the next batch (input-bound if large)
     metrics = {"epoch": epoch, "rows": trained.rows, "samples_per_s": trained.rows / max(1e-9, trained.seconds),
-               "train_s": trained.seconds, "input_wait_s": trained.waited,
+               "train_s": trained.seconds, "input_wait_s": trained.waited, "first_step_s": trained.first_step_s,
                "alpha": alpha, "temperature": temperature, "lr": lr,
                "replayed_views": trained.replayed, "first_step_at": first_step_at}
     metrics.update({k: float(v) / max(1, trained.rows) for k, v in trained.sums.items()})
@@ -342,20 +376,55 @@ def evaluate(model: torch.nn.Module, batches) -> tuple[float, int]:
     return (correct / total if total else float("nan")), total
 
 
-def evaluate_holdout(state: TrainState, settings: LoopSettings, batches: Iterable[Batch]) -> dict[str, float]:
-    """Rank 0's held-out evaluation of the student on {"x" uint8, "label"} batches:
-    holdout_accuracy, holdout_rows and eval_s."""
+def evaluate_holdout(state: TrainState, settings: LoopSettings, batches: Iterable[Batch],
+                     reduce: Callable[[list[float]], list[float]] = lambda v: v) -> dict[str, float]:
+    """Held-out evaluation of the student on this rank's share of {"x" uint8, "label"} batches,
+    summed over the ranks by `reduce` (an all-reduce): holdout_accuracy, holdout_rows and eval_s."""
     t0 = time.time()
-    # The module inside DDP: DDP's forward broadcasts buffers (BatchNorm statistics),
-    # a collective that the other ranks, already training on, would never join.
+    # The module inside DDP: DDP's forward broadcasts buffers (BatchNorm statistics) in a
+    # collective; evaluation runs the same weights on every rank without one.
     model = getattr(state.model, "module", state.model)
     acc, n = evaluate(model, ({**b, "x": settings.preprocess.normalise(b["x"])} for b in batches))
-    return {"holdout_accuracy": acc, "holdout_rows": n, "eval_s": time.time() - t0}
+    correct, total = reduce([0.0 if n == 0 else acc * n, float(n)])
+    return {"holdout_accuracy": correct / total if total else float("nan"), "holdout_rows": int(round(total)),
+            "eval_s": time.time() - t0}
 
 
-def checkpoint_due(settings: LoopSettings, epoch: int) -> bool:
-    """Checkpoint (and report) after `epoch`? Every checkpoint_every epochs, and after the last."""
-    return epoch == settings.epochs - 1 or (epoch + 1) % settings.checkpoint_every == 0
+def class_mix_metrics(trained: EpochPass, batch_size: int,
+                      reduce: Callable[[list[float]], list[float]] = lambda v: v) -> dict[str, float]:
+    """How mixed the epoch's batches were, over all ranks (`reduce`): batch_classes, the mean
+    number of distinct labels per step, and batch_classes_random, its expected value for batches
+    drawn at random from the rows the epoch saw. Empty for label-free data."""
+    from kdpipe.training.view import expected_classes
+
+    if not trained.class_counts:
+        return {}
+    summed = reduce([trained.batch_classes, float(trained.steps), *map(float, trained.class_counts)])
+    counts = [int(round(c)) for c in summed[2:]]
+    return {"batch_classes": summed[0] / max(1.0, summed[1]),
+            "batch_classes_random": expected_classes(counts, batch_size)}
+
+
+def checkpoint_due(settings: LoopSettings, epoch: int, checkpointed_at: float, now: float | None = None) -> bool:
+    """Checkpoint (and report) after `epoch`? After the last epoch, every checkpoint_every epochs
+    (when set), and once checkpoint_every_s seconds have passed since the last checkpoint: a
+    report costs Ray Train ~2 s of polling, so by wall time they stay a small part of a fit."""
+    if epoch == settings.epochs - 1:
+        return True
+    if settings.checkpoint_every and (epoch + 1) % settings.checkpoint_every == 0:
+        return True
+    return (time.time() if now is None else now) - checkpointed_at >= settings.checkpoint_every_s
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """`values` summed (or maxed) over the ranks of the process group; as they are with none."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def checkpoint_state(state: TrainState, settings: LoopSettings, epoch: int) -> dict[str, Any]:
@@ -389,17 +458,20 @@ def _train_loop(config: dict[str, Any]) -> None:
                                      0.0 if name == "plain" else alpha, temperature)
         metrics = epoch_metrics(epoch, alpha, temperature, state.optimizer.param_groups[0]["lr"], done["train"],
                                 done.get("plain"), state.first_step_at)
-        if state.rank == 0:  # every rank holds the same weights after the DDP step
-            if settings.evaluate:
-                holdout = ray.train.get_dataset_shard("holdout")
-                metrics.update(evaluate_holdout(state, settings,
-                                                holdout.iter_torch_batches(batch_size=512, device=state.device)))
+        metrics.update(class_mix_metrics(done["train"], settings.batch_size, all_reduce))
+        if settings.evaluate:  # every rank its share; every rank holds the same weights after the DDP step
+            holdout = ray.train.get_dataset_shard("holdout")
+            metrics.update(evaluate_holdout(state, settings, holdout.iter_torch_batches(batch_size=512, device=state.device),
+                                            all_reduce))
+        if state.rank == 0:
             metrics["world_size"] = ctx.get_world_size()
             metrics["attempt_start"] = state.start_epoch  # > 0: this attempt resumed from a checkpoint
             state.history.append(metrics)
             sink.write(state.history)
-        if checkpoint_due(settings, epoch):
+        # Every rank must agree (reports are collective): due if due on any rank's clock.
+        if all_reduce([float(checkpoint_due(settings, epoch, state.checkpointed_at))], "max")[0]:
             _report(state, settings, epoch, metrics)
+            state.checkpointed_at = time.time()
 
 
 def _shard_steps(name: str, settings: LoopSettings, state: TrainState, epoch: int) -> Iterator[Batch]:
@@ -415,8 +487,8 @@ def _shard_steps(name: str, settings: LoopSettings, state: TrainState, epoch: in
 
 def _report(state: TrainState, settings: LoopSettings, epoch: int, metrics: dict[str, Any]) -> None:
     """Report to Ray Train, rank 0 with a checkpoint and the history. Reports are collective
-    (every rank calls them) and block until Ray Train takes them, so they come every
-    `checkpoint_every` epochs, carrying the epochs since the last one."""
+    (every rank calls them) and block until Ray Train takes them, so they come only when a
+    checkpoint is due (checkpoint_due), carrying the epochs since the last one."""
     import ray.train
 
     if state.rank != 0:

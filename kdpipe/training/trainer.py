@@ -22,7 +22,7 @@ from kdpipe.data import inputs
 from kdpipe.errors import CacheError, ConfigError
 from kdpipe.generation.planning import label_settings_for
 from kdpipe.labels import cache
-from kdpipe.training import losses
+from kdpipe.training import losses, view
 from kdpipe.training.join import JoinPlan, MeanTarget, TeacherUnits, student_dataset
 from kdpipe.training.loop import LoopSettings, OnlineTeacher, _train_loop
 from kdpipe.training.losses import LossOptions
@@ -200,24 +200,47 @@ def replay_views(units: list[TeacherUnits] | tuple[TeacherUnits, ...]) -> int:
 def build_datasets(cfg: Config, plan: DistillPlan, source: inputs.SourceSpec, shards: list[inputs.InputShard],
                    holdout_shards: list[inputs.InputShard], paired_plain: bool = False) -> dict[str, Any]:
     """The student's Ray Datasets: "train" (inputs joined with the units, or carrying the online
-    teachers' pixels), "plain" (paired_plain: inputs alone) and "holdout" (when listed), preloaded
-    into the object store when small, the training ones in a seeded random block order."""
+    teachers' pixels), "plain" (paired_plain: inputs alone) and "holdout" (when listed).
+
+    The training rows are shuffled across the whole dataset once, so that batches have the class
+    mix of random sampling however the inputs are laid out (an ImageFolder shard is one class):
+    small data in the object store (preload), larger data as a training view on the cache's
+    storage that later runs reuse (training.view). Every epoch then reads them in a new order.
+    The online baseline streams shard by shard, as it must carry the teachers' own pixels."""
     pre = preprocess_for(cfg)
     decode = cfg.data.decode_cpus
     geometries = {t.preprocess.pixels_column(): t.preprocess.geometry() for t in plan.online}
     alone = replace(plan.join, replay=0)  # no units joined: the inputs and their labels
-    datasets = {"train": student_dataset(source, shards, pre, plan.units, plan.join, geometries, decode)}
+    preload = _preload(cfg.train.preload, _estimate_bytes(plan, pre, geometries, shards, holdout_shards, paired_plain))
+    if plan.online:
+        datasets = {"train": student_dataset(source, shards, pre, plan.units, plan.join, geometries, decode)}
+        if preload:
+            datasets["train"] = datasets["train"].materialize()
+        datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.train.seed)
+    else:
+        datasets = {"train": shuffled_rows(cfg, source, shards, plan.units, plan.join, preload)}
     if paired_plain:
-        datasets["plain"] = student_dataset(source, shards, pre, [], alone, decode_cpus=decode)
+        datasets["plain"] = shuffled_rows(cfg, source, shards, (), alone, preload)
     if holdout_shards:
-        datasets["holdout"] = student_dataset(source, holdout_shards, pre, [], alone, decode_cpus=decode)
-    if _preload(cfg.train.preload, _estimate_bytes(plan, pre, geometries, shards, holdout_shards, paired_plain)):
-        # Small data: decode and join once, then every epoch reads from the object store.
-        datasets = {k: v.materialize() for k, v in datasets.items()}
-    for split in ("train", "plain"):
-        if split in datasets:
-            datasets[split] = datasets[split].randomize_block_order(seed=cfg.train.seed)
+        holdout = student_dataset(source, holdout_shards, pre, [], alone, decode_cpus=decode)
+        datasets["holdout"] = holdout.materialize() if preload else holdout
     return datasets
+
+
+def shuffled_rows(cfg: Config, source: inputs.SourceSpec, shards: list[inputs.InputShard],
+                  units: tuple[TeacherUnits, ...], join: JoinPlan, preload: bool):
+    """The training rows (inputs joined with `units` per `join`) shuffled across the whole
+    dataset once, as a Ray Dataset that every execution (epoch) reads in a new, seeded order:
+    in the object store when `preload`, else from the training view on the cache's storage."""
+    pre = preprocess_for(cfg)
+    seed = cfg.train.seed
+    if preload:
+        rows = student_dataset(source, shards, pre, units, join, decode_cpus=cfg.data.decode_cpus)
+        return rows.random_shuffle(seed=seed, num_cpus=runtime.READ_TASK_CPUS).materialize() \
+            .randomize_block_order(seed=seed)
+    found = view.ensure_view(cfg.cache.root, cfg.cache.storage_options, inputs.fingerprint(shards, source), source,
+                             shards, pre.geometry(), tuple(units), join, cfg.data.decode_cpus)
+    return view.view_dataset(found, seed)
 
 
 def _estimate_bytes(plan: DistillPlan, pre, geometries: dict[str, dict[str, Any]], shards: list[inputs.InputShard],
@@ -252,7 +275,8 @@ def loop_settings(cfg: Config, plan: DistillPlan, run_uri: str, evaluate: bool, 
         alpha_end=tr.alpha_end if plan.distill else None, temperature=tr.temperature,
         temperature_end=tr.temperature_end, schedule=tr.schedule, seed=tr.seed,
         use_labels=tr.use_labels and cfg.data.label_column is not None, weights=plan.weights, loss=plan.loss,
-        shuffle_buffer=tr.shuffle_buffer, checkpoint_every=tr.checkpoint_every, evaluate=evaluate,
+        shuffle_buffer=tr.shuffle_buffer, checkpoint_every=tr.checkpoint_every,
+        checkpoint_every_s=tr.checkpoint_every_s, evaluate=evaluate,
         inject_fault=tr.inject_fault, online_teachers=plan.online, paired_plain=paired_plain, threads=threads,
         allow_import=cfg.allow_import)
 
@@ -270,7 +294,7 @@ def fit(cfg: Config, settings: LoopSettings, datasets: dict[str, Any], name: str
         scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu,
                                                resources_per_worker={"CPU": per_worker}),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in ("train", "plain") if k in datasets]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in ("train", "plain", "holdout") if k in datasets]),
         run_config=_run_config(tr.storage_path, cfg.cache.storage_options, name, tr.max_failures, tr.keep_checkpoints),
     )
     log.info("training %s (%s) on %d worker(s) x %.2f CPU", tr.student, name, tr.num_workers, per_worker)

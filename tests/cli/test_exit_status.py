@@ -137,7 +137,7 @@ def test_every_command_module_adds_its_parser_and_runs():
 def test_help_of_every_command_and_subcommand(capsys):
     for argv in [[name] for name in ("demo", "generate", "train", "regenerate", "export", "submit")] + [
             ["bench", b] for b in ("storage", "stream", "student", "quality", "all", "generate", "teachers", "scale",
-                                   "regenerate", "load", "show")] + [["cache", a] for a in cache.ACTIONS]:
+                                   "regenerate", "load", "show", "parity")] + [["cache", a] for a in cache.ACTIONS]:
         with pytest.raises(SystemExit) as e:
             cli.main([*argv, "--help"])
         assert e.value.code == 0

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -225,6 +226,7 @@ def test_a_checkpoint_resumes_the_run_and_exports_the_student():
 def test_epoch_metrics_passes_and_checkpoint_epochs():
     trained, plain = EpochPass(100, 2.0, {"kd": 50.0, "loss": 80.0}, 0, 0.5), EpochPass(100, 1.0, {}, 0, 0.1)
     m = loop.epoch_metrics(3, 0.9, 4.0, 0.01, trained, plain, 12.5)
+    assert m.pop("first_step_s") != m.pop("first_step_s", 0)  # NaN: a pass made by hand has no first step
     assert m == {"epoch": 3, "rows": 100, "samples_per_s": 50.0, "train_s": 2.0, "input_wait_s": 0.5, "alpha": 0.9,
                  "temperature": 4.0, "lr": 0.01, "replayed_views": 0, "first_step_at": 12.5, "kd": 0.5, "loss": 0.8,
                  "plain_rows": 100, "plain_train_s": 1.0, "plain_samples_per_s": 100.0, "plain_input_wait_s": 0.1}
@@ -232,6 +234,35 @@ def test_epoch_metrics_passes_and_checkpoint_epochs():
     assert [loop.epoch_passes(True, e) for e in (0, 1)] == [["plain", "train"], ["train", "plain"]]
     assert loop.epoch_passes(False, 0) == ["train"]
     settings = _settings(epochs=5, checkpoint_every=2)
-    assert [e for e in range(5) if loop.checkpoint_due(settings, e)] == [1, 3, 4]
+    assert [e for e in range(5) if loop.checkpoint_due(settings, e, checkpointed_at=100.0, now=101.0)] == [1, 3, 4]
+    by_time = _settings(epochs=5, checkpoint_every_s=30.0)  # checkpoint_every 0: by wall time only
+    assert [e for e in range(5) if loop.checkpoint_due(by_time, e, checkpointed_at=100.0, now=120.0)] == [4]
+    assert loop.checkpoint_due(by_time, 1, checkpointed_at=100.0, now=130.0)
     assert loop.epoch_schedule(_settings(epochs=3, alpha=0.9, alpha_end=0.5, schedule="linear"), 1) == \
         pytest.approx((0.7, 5.0))
+
+
+def test_class_mix_counts_distinct_labels_per_step_and_compares_with_random_batches():
+    from kdpipe.training.view import expected_classes
+
+    mix = loop.ClassMix(4, torch.device("cpu"))
+    for labels in ([0, 0, 0, 0], [1, 1, 2, 3], [3, 3, 3, 3]):
+        mix.add(torch.tensor(labels))
+    distinct, counts = mix.read()
+    assert distinct == 1 + 3 + 1 and counts == (4, 2, 1, 5)
+    trained = EpochPass(12, 1.0, {}, 0, 0.0, 0.1, 3, distinct, counts)
+    got = loop.class_mix_metrics(trained, 4)
+    assert got["batch_classes"] == pytest.approx(5 / 3)
+    assert got["batch_classes_random"] == pytest.approx(expected_classes(counts, 4))
+    assert loop.class_mix_metrics(EpochPass(12, 1.0, {}, 0, 0.0), 4) == {}  # label-free: no figure
+
+
+def test_expected_classes_matches_sampling_without_replacement():
+    from kdpipe.training.view import expected_classes
+
+    counts = [50, 30, 15, 5]
+    rng = np.random.default_rng(0)
+    population = np.repeat(np.arange(4), counts)
+    draws = [len(np.unique(rng.choice(population, 8, replace=False))) for _ in range(20000)]
+    assert expected_classes(counts, 8) == pytest.approx(np.mean(draws), abs=0.02)
+    assert expected_classes([10] * 10, 100) == 10.0 and expected_classes([5, 5], 1) == pytest.approx(1.0)
