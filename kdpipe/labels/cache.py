@@ -1,5 +1,13 @@
 """The label cache's layout and commit protocol: label settings and their hash, unit directories,
-part files and unit records, manifests and refs (see DESIGN.md, "Storage layout").
+part files and unit records, manifests and refs. Under the cache root:
+
+    teachers/<teacher>/<digest>/<fingerprint>-<label settings hash>/
+        part-<shard id>-<sha256>.parquet|.tar   a unit's labels: immutable, named by content
+        _units/<shard id>.json                  its record, written once the part is complete
+        _manifest.json                          written last: the teacher's labels are complete
+    refs/<teacher>.json                         the latest labels of each teacher (generate, regenerate)
+
+A crash leaves at most a part file no record names; a rerun writes exactly the missing units.
 
 Readers trust manifests and unit records, never a listing (beyond finding sibling directories
 whose units can be reused). It knows nothing of the config: the driver turns a config into
