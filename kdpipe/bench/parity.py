@@ -129,14 +129,12 @@ def teacher_names(cfg: Config) -> list[str]:
 
 
 def plain_distill(cfg: Config, teacher_logits: torch.Tensor) -> PlainDistill:
-    """The distillation term of cfg.train as the kdpipe run forms it (trainer.plan_distillation for
-    full labels: ensemble auto = the mean of the teachers' distributions)."""
+    """The distillation term of cfg.train as the kdpipe run plans it (trainer.plan_distillation;
+    full labels, so the plan's loss and weights need no cached units)."""
     tr = cfg.train
-    ensemble = tr.ensemble if tr.ensemble != "auto" else "mean"
-    temperatures = tuple(tr.teacher_temperatures) or None
-    weights = torch.tensor(tr.teacher_weights) if tr.teacher_weights else None
-    return PlainDistill(teacher_logits, tr.temperature, tr.alpha, weights,
-                        LossOptions(temperatures, ensemble, tr.loss, tr.teacher_weighting), tr.use_labels)
+    plan = trainer.plan_distillation(cfg, teacher_names(cfg), [])
+    weights = torch.tensor(plan.weights) if plan.weights else None
+    return PlainDistill(teacher_logits, tr.temperature, tr.alpha, weights, plan.loss, tr.use_labels)
 
 
 def teacher_logits(cfg: Config, source: inputs.SourceSpec, keys: list[str]) -> torch.Tensor:
@@ -144,11 +142,14 @@ def teacher_logits(cfg: Config, source: inputs.SourceSpec, keys: list[str]) -> t
     order), each teacher on its own preprocessing, run once."""
     d, out = cfg.data, []
     by_name = {t.name: t for t in cfg.teachers}
+    inputs_by_preprocess: dict[Any, np.ndarray] = {}  # teachers with the same preprocessing share one read
     for name in teacher_names(cfg):
         t = by_name[name]
         pre = preprocess_for(cfg, name)
-        rows, x, _ = readers.load_split(d.train, source, pre)
-        assert rows == keys, "load_split read the training rows in another order"
+        if pre not in inputs_by_preprocess:
+            rows, inputs_by_preprocess[pre], _ = readers.load_split(d.train, source, pre)
+            assert rows == keys, "load_split read the training rows in another order"
+        x = inputs_by_preprocess[pre]
         model = load_teacher(name, t.arch, t.checkpoint, cfg.cache.storage_options, d.num_classes,
                              pre.image_shape, cfg.allow_import)
         with torch.no_grad():
