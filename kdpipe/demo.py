@@ -119,8 +119,8 @@ def run_demo(cfg: Config, progress: bool = True) -> DemoResult:
         digits.ensure_builtin(d)
     trained = ensure_teachers(cfg, progress)
     report = generate.generate(cfg, progress=progress)
-    alone = trainer.train_student(cfg, distill=False)
-    distilled = trainer.train_student(cfg, distill=True)
+    alone = trainer.train_student(cfg, distill=False, progress=progress)
+    distilled = trainer.train_student(cfg, distill=True, progress=progress)
     teacher_acc = {name: float(r.metrics.get("holdout_accuracy", float("nan")))
                    for name, r in report.teachers.items()}
     figures = {"comparison": storage.join(cfg.train.storage_path, "demo-comparison.png"),

@@ -21,8 +21,9 @@ TEACHER_CPU_SHARE = 0.6
 READ_TASK_CPUS = 0.25
 
 
-def ensure_ray(address: str | None, num_cpus: float | None = None) -> bool:
-    """Connect to `address` or start a local Ray. Returns True when this call started it."""
+def ensure_ray(address: str | None, num_cpus: float | None = None, dashboard: bool = False) -> bool:
+    """Connect to `address` or start a local Ray (with Ray's dashboard if `dashboard`, where its
+    packages are installed). Returns True when this call started it."""
     import ray
 
     if ray.is_initialized():
@@ -30,9 +31,11 @@ def ensure_ray(address: str | None, num_cpus: float | None = None) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Worker logs stay in Ray's session folder unless asked for: remote errors still reach the
     # driver as exceptions with their tracebacks, and the terminal stays readable.
-    # The dashboard (Ray's job and state APIs) starts where Ray's "default" extra is installed;
-    # a bare Ray (a GPU image with a slim offline bundle, say) runs without it instead of failing.
-    kwargs: dict = {"include_dashboard": None, "log_to_driver": os.environ.get("KDPIPE_RAY_LOGS") == "1",
+    # A command's local Ray lives as long as the command: its dashboard (Ray's job and state
+    # APIs) costs ~2 s at start and ~10% of a core, so it starts only when asked for, and then
+    # only where Ray's "default" extra is installed (None: a bare Ray, a GPU image with a slim
+    # offline bundle say, runs without it instead of failing).
+    kwargs: dict = {"include_dashboard": None if dashboard else False, "log_to_driver": os.environ.get("KDPIPE_RAY_LOGS") == "1",
                     "logging_level": logging.WARNING, "configure_logging": True}
     if address:
         ray.init(address=address, **kwargs)
@@ -42,10 +45,29 @@ def ensure_ray(address: str | None, num_cpus: float | None = None) -> bool:
         # only ~num_cpus idle workers alive; the rest would be killed and re-spawned (seconds of
         # imports each) on every epoch or pass. Measured: the student stream over 7k samples went
         # from 1.4k to 5.4k samples/s on 2 cores with the larger pool.
-        warm = workers_soft_limit(cpus or os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, _system_config={"num_workers_soft_limit": warm}, **kwargs)
+        local_train_defaults()
+        ray.init(num_cpus=cpus, _system_config=local_system_config(cpus or os.cpu_count() or 1), **kwargs)
     _quiet_ray_data()
     return True
+
+
+# Ray Train settings for a Ray that a command starts on this machine (read by Ray Train's
+# controller from the driver's environment; a value already set wins).
+LOCAL_TRAIN_ENV = {
+    # Ray Train V2 takes reports and notices the end of a fit by polling the workers, every 2 s
+    # by default: each checkpoint then costs ~2 s and each fit ~2-4 s more. Polling two local
+    # workers four times a second costs nothing.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    # The preemption watcher follows node draining (spot instances going away). The one node of
+    # a local Ray is this machine: the watcher would only cost an actor's start (seconds of
+    # imports) per fit, and an `E` line about its constructor arguments on the terminal.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def local_train_defaults() -> None:
+    for key, value in LOCAL_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def workers_soft_limit(cpus: float) -> int:
@@ -53,10 +75,17 @@ def workers_soft_limit(cpus: float) -> int:
     return int(cpus / READ_TASK_CPUS) + 4
 
 
+def local_system_config(cpus: float) -> dict[str, int]:
+    """Ray's system settings for a local Ray of `cpus` CPUs that a command (or the tests) starts."""
+    return {"num_workers_soft_limit": workers_soft_limit(cpus)}
+
+
 def _quiet_ray_data() -> None:
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # kdpipe turns Ray Data's bars off on purpose (it draws its own): not worth a warning.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("KDPIPE_RAY_PROGRESS", "0") == "1"
     ctx.print_on_execution_start = False

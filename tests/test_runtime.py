@@ -64,7 +64,7 @@ def test_ray_starts_where_the_dashboards_packages_are_missing(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="kdbare-", dir="/tmp")  # short: Ray's socket paths are length-limited
     code = ("import ray; from kdpipe import runtime; "
             "import ray._private.utils as u; assert u.get_dashboard_dependency_error() is not None; "
-            "assert runtime.ensure_ray(None, 1); print('sum', ray.get(ray.remote(lambda x: x + 1).options(num_cpus=0.5).remote(41)))")
+            "assert runtime.ensure_ray(None, 1, dashboard=True); print('sum', ray.get(ray.remote(lambda x: x + 1).options(num_cpus=0.5).remote(41)))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")]),
            "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, env=env)

@@ -166,7 +166,7 @@ def prepared(workdir: str, overrides: list[str] | tuple[str, ...], epochs: int |
     check_comparable(cfg)
     if cfg.data.builtin:
         digits.ensure_builtin(cfg.data)
-    runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.dashboard)
     ensure_teachers(cfg, progress=False)
     generate.generate(cfg, progress=False)
     return cfg

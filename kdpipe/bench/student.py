@@ -130,7 +130,7 @@ def student_throughput(workdir: str, repeats: int = 3, epochs: int = 4, override
     epochs each), `repeats` rounds, the order turning each round; on `copies` copies of the
     digits' training split."""
     cfg = _prepared(workdir, [f"train.epochs={epochs}", *overrides])
-    runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.dashboard)
     named = {o.split("=", 1)[0].strip() for o in overrides}
     for key, value in device_placement(runtime.cluster_cpus_gpus()[1]).items():
         if f"train.{key}" not in named:  # the caller's own overrides win

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from kdpipe import __version__
 from kdpipe.cli import bench, cache, demo, export, generate, regenerate, submit, train
-from kdpipe.cli.common import emit, stdout_for_results_only
+from kdpipe.cli.common import emit, stderr_without_ray_noise, stdout_for_results_only
 from kdpipe.errors import user_error
 
 COMMANDS = (demo, generate, train, regenerate, export, submit, bench, cache)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="kdpipe: %(message)s")
     logging.getLogger("kdpipe").setLevel(logging.INFO)
-    with stdout_for_results_only():
+    with stderr_without_ray_noise(), stdout_for_results_only():
         return run_command(args.command, lambda: args.command_module.run(args, emit))
 
 

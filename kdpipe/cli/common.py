@@ -7,7 +7,9 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,7 +30,7 @@ def add_config_args(p: argparse.ArgumentParser, config_required: bool) -> None:
                    help="override a config value, e.g. --set labels.temperature=2 (repeatable)")
     p.add_argument("--workdir", default=None, help="shortcut for --set workdir=DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
 def config(args: argparse.Namespace, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -82,6 +84,71 @@ def stdout_for_results_only() -> Iterator[None]:
         _RESULTS = None
         os.dup2(saved, 1)
         os.close(saved)
+
+
+# Lines Ray prints on a healthy run that tell a user nothing they can act on. Each is matched
+# whole and kept out of the terminal (Ray's own log files still have them).
+RAY_NOISE = (
+    # Ray Data passes its actor pools' arguments by reference and lets the actors restart; Ray
+    # core then logs this at ERROR level once per teacher actor (ray-project/ray#53727). kdpipe's
+    # actors take their arguments from that same reference again on a restart.
+    re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object "
+               rb"store and max_restarts > 0"),
+    # The raylet's count of worker processes against its startup concurrency (the CPU count):
+    # kdpipe's fractional-CPU read tasks and its actors make many workers on purpose, and keep
+    # them warm (runtime.workers_soft_limit).
+    re.compile(rb"\(raylet\).* PYTHON worker processes have been started on node: .* maximum expected startup "
+               rb"concurrency"),
+)
+
+
+def _pump(source: int, sink, noise: tuple[re.Pattern, ...]) -> None:
+    """Copy `source` to `sink`, dropping whole lines that match `noise`. A progress bar's frame
+    (ended by a carriage return, not a newline) passes at once."""
+    pending = b""
+    while chunk := os.read(source, 65536):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        out = b"".join(line + b"\n" for line in lines if not any(p.search(line) for p in noise))
+        if b"\r" in pending:
+            cut = pending.rindex(b"\r") + 1
+            out, pending = out + pending[:cut], pending[cut:]
+        if out:
+            sink.write(out)
+    if pending and not any(p.search(pending) for p in noise):
+        sink.write(pending)
+    os.close(source)
+
+
+@contextlib.contextmanager
+def stderr_without_ray_noise(noise: tuple[re.Pattern, ...] = RAY_NOISE) -> Iterator[None]:
+    """Send file descriptor 2 through a filter that drops RAY_NOISE while a command runs: Ray's
+    core writes those lines from C++, past Python's logging. Everything else (tracebacks,
+    progress bars, kdpipe's own lines) passes unchanged."""
+    try:
+        redirect = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # stderr replaced (e.g. captured): leave it be
+        redirect = False
+    if not redirect:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sink = os.fdopen(os.dup(saved), "wb", buffering=0)
+    pump = threading.Thread(target=_pump, args=(read_end, sink, noise), name="kdpipe-stderr", daemon=True)
+    pump.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer closes: the pump drains it and ends
+        os.close(saved)
+        pump.join(timeout=5)  # a child process still holding the pipe keeps the pump (a daemon) alive
+        if not pump.is_alive():
+            sink.close()
 
 
 def say(text: str) -> None:

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace, emit: common.Emit) -> int:
     cfg = common.config_with_data(args)  # a bad config fails before the imports
     from kdpipe.training.trainer import train_student
 
-    rep = train_student(cfg, distill=not args.no_distill)
+    rep = train_student(cfg, distill=not args.no_distill, progress=not args.quiet)
     obj = {"run": rep.run, "storage": rep.storage, "teachers": rep.teachers,
            "holdout_accuracy": rep.holdout_accuracy, "history": rep.history, "seconds": rep.seconds,
            "export": rep.export}

@@ -56,7 +56,7 @@ def _run_pipeline(cfg: Config, source: inputs.SourceSpec, shards: list[inputs.In
     each unit as its shard completes. Returns {teacher: {shard_id: unit record}}."""
     for uri in (cfg.data.train, cfg.cache.root):
         storage.check_shared(uri)
-    runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.dashboard)
     teachers = [t for t in cfg.teachers if t.name in todo]
     fault = faults.for_cache(cfg.cache.inject_fault, cfg.cache.root, cfg.cache.storage_options)
     ds = _labelled_dataset(cfg, source, shards, todo, teachers, fault)

@@ -67,7 +67,7 @@ class DistillPlan:
 
 
 def train_student(cfg: Config, distill: bool = True, run_name: str | None = None,
-                  paired_plain: bool = False) -> TrainReport:
+                  paired_plain: bool = False, progress: bool = True) -> TrainReport:
     """Train cfg.train.student with Ray Train. distill=False trains on labels alone (the baseline).
 
     paired_plain (benchmarks only, `kdpipe bench student`): the same workers also stream the
@@ -76,9 +76,41 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
     plain_samples_per_s. Both sides are timed seconds apart in one process group, so a slow spell
     of the machine falls on both.
 
+    progress: one line per epoch on stderr (training.progress).
+
     `cfg` must have its paths resolved. Ray is started (or joined, per cfg.ray) after the
     cached labels are found."""
     started = time.time()
+    run = prepare_run(cfg, distill, run_name, paired_plain)
+    if progress:
+        from kdpipe.training.progress import EpochLines
+
+        label = "distilled" if run.plan.distill else "alone"
+        with EpochLines(run.uri, cfg.cache.storage_options, cfg.train.epochs, label):
+            result = fit(cfg, run.settings, run.datasets, run.name, run.per_worker)
+    else:
+        result = fit(cfg, run.settings, run.datasets, run.name, run.per_worker)
+    return finish_run(cfg, run.plan, result, run.name, run.uri, started)
+
+
+@dataclass
+class PreparedRun:
+    """Everything a fit needs, before Ray Train starts: what `train_student` hands to `fit`. The
+    datasets are Ray Data's (inputs joined with the chosen teachers' cached targets), so a test
+    or a user's own loop can take its batches without Ray Train."""
+
+    plan: DistillPlan
+    datasets: dict[str, Any]  # "train", and "holdout" when the data has labels ("plain": paired_plain)
+    settings: LoopSettings
+    name: str
+    uri: str
+    per_worker: float  # CPUs per training worker
+
+
+def prepare_run(cfg: Config, distill: bool = True, run_name: str | None = None,
+                paired_plain: bool = False) -> PreparedRun:
+    """The steps of `train_student` before the fit: the teachers and their cached units, the
+    plan, Ray (started or joined), the datasets, the run's name and the loop's settings."""
     tr = cfg.train
     specs = choose_teachers(cfg, distill)
     labelled = cfg.data.label_column is not None
@@ -90,7 +122,7 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
         raise ConfigError("paired_plain pairs cached-label training with plain training: distill from the cache")
     for uri in (cfg.data.train, cfg.data.holdout, cfg.cache.root, tr.storage_path):
         storage.check_shared(uri)
-    runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    runtime.ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.dashboard)
     holdout_shards = inputs.list_shards(cfg.data.holdout, source) if labelled else []
     datasets = build_datasets(cfg, plan, source, shards, holdout_shards, paired_plain)
     name = run_name or default_run_name(cfg, plan)
@@ -99,8 +131,7 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
     per_worker = runtime.plan_train_worker_cpus(cpus, tr.num_workers, tr.cpus_per_worker)
     settings = loop_settings(cfg, plan, run_uri, evaluate="holdout" in datasets, paired_plain=paired_plain,
                              threads=max(1, int(per_worker)))
-    result = fit(cfg, settings, datasets, name, per_worker)
-    return finish_run(cfg, plan, result, name, run_uri, started)
+    return PreparedRun(plan, datasets, settings, name, run_uri, per_worker)
 
 
 def choose_teachers(cfg: Config, distill: bool) -> list[str]:

@@ -45,6 +45,8 @@ def test_demo_end_to_end_then_reuses_cache(tmp_path):
     first = kdpipe("demo", "--json", "--quiet", "--workdir", str(tmp_path), *FAST)
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads(first.stdout)
+    for noise in ("core_worker.cc", "PYTHON worker processes", "Progress bars disabled"):  # Ray's, said to no one
+        assert noise not in first.stderr, first.stderr[-3000:]
     assert set(result["teachers"]) == {"mlp", "cnn", "wide_cnn"}
     assert all(acc > 0.85 for acc in result["teachers"].values()), result
     assert result["teachers_trained"] == ["mlp", "cnn", "wide_cnn"]
@@ -70,9 +72,13 @@ def test_demo_end_to_end_then_reuses_cache(tmp_path):
     assert (tmp_path / "cache" / "refs" / "cnn.json").read_bytes() == refs  # nothing moved
 
     # The same cache serves `kdpipe train` from a config file, with overrides.
-    out = kdpipe("train", cfg, "--json", "--quiet", "--workdir", str(tmp_path), "--set", "train.epochs=2",
+    out = kdpipe("train", cfg, "--json", "--workdir", str(tmp_path), "--set", "train.epochs=2",
                  "--set", "train.teachers=[cnn, wide_cnn]", "--set", "train.alpha=0.5")
     assert out.returncode == 0, out.stderr[-3000:]
     trained = json.loads(out.stdout)
+    # one line per epoch on stderr while it trains (stdout keeps the one JSON object)
+    epochs = [line for line in out.stderr.splitlines() if line.startswith("distilled epoch ")]
+    assert [line.split("  ")[0] for line in epochs] == ["distilled epoch 1/2", "distilled epoch 2/2"], out.stderr[-3000:]
+    assert "loss" in epochs[-1] and "held-out" in epochs[-1] and "samples/s" in epochs[-1]
     assert trained["teachers"] == ["cnn", "wide_cnn"] and len(trained["history"]) == 2
     assert os.path.exists(os.path.join(trained["storage"], "metrics.jsonl"))

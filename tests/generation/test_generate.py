@@ -113,14 +113,13 @@ def test_wrong_class_count_fails(digits_cfg, ray_cluster):
         generate.generate(cfg, progress=False)
 
 
-def test_new_input_shard_labels_only_that_shard(ray_cluster, digits_cfg, tmp_path):
+def test_new_input_shard_labels_only_that_shard(ray_cluster, digits_cfg, tmp_path, local_epoch):
     """New shards arrive: only their units run through the teachers; the rest are reused by
     reference, and the new dataset version trains with labels from both."""
     import shutil
 
     import pyarrow as pa
 
-    from kdpipe.training import trainer
 
     cfg = copy.deepcopy(digits_cfg)
     cfg.data.train = str(tmp_path / "train")
@@ -155,8 +154,8 @@ def test_new_input_shard_labels_only_that_shard(ray_cluster, digits_cfg, tmp_pat
     assert all(r.units_reused == 0 for r in second.teachers.values())
     assert regenerate.regenerate(cfg, progress=False)["status"] == "up-to-date"
 
-    rep = trainer.train_student(cfg, distill=True)
-    assert rep.history[-1]["rows"] * cfg.train.num_workers == 899 + 37
+    _, epoch = local_epoch(cfg)  # the student trains on every row, the new shard's included
+    assert epoch.rows == 899 + 37 and epoch.sums["kd"] > 0
 
     # gc keeps the old dataset version's directory: the latest one borrows its units.
     entries = upkeep.list_caches(fs, fs._strip_protocol(cfg.cache.root))
@@ -164,11 +163,10 @@ def test_new_input_shard_labels_only_that_shard(ray_cluster, digits_cfg, tmp_pat
 
 
 def test_regenerate_after_a_checkpoint_change_relabels_only_that_teacher_and_pins_still_train(
-        ray_cluster, digits_cfg, tmp_path):
+        ray_cluster, digits_cfg, tmp_path, local_epoch):
     from kdpipe.demo import fit_classifier
     from kdpipe.generation import regenerate
     from kdpipe.teachers.checkpoints import save_checkpoint
-    from kdpipe.training import trainer
 
     cfg = copy.deepcopy(digits_cfg)
     cfg.cache.root = str(tmp_path / "cache")
@@ -208,9 +206,9 @@ def test_regenerate_after_a_checkpoint_change_relabels_only_that_teacher_and_pin
     assert not fs.exists(f"{root}/{regenerate.LOCK}")  # released
 
     cfg.train.teachers = [f"cnn@{old_cnn}"]  # pinned: the old labels, still committed
-    cfg.train.epochs = 1
-    rep = trainer.train_student(cfg, distill=True)
-    assert rep.teachers == [f"cnn@{old_cnn}"] and rep.history[-1]["kd"] > 0
+    prepared, epoch = local_epoch(cfg)
+    assert prepared.plan.teachers == (f"cnn@{old_cnn}",) and epoch.sums["kd"] > 0
+    assert old_cnn in prepared.plan.units[0].directory  # the pinned version's directory
 
 
 def test_nan_teacher_output_is_never_committed(ray_cluster, digits_cfg, tmp_path):
@@ -233,8 +231,7 @@ def test_nan_teacher_output_is_never_committed(ray_cluster, digits_cfg, tmp_path
     assert cache.read_ref(fs, root, "mlp") is None
 
 
-def test_one_teachers_label_settings_change_regenerates_only_it(ray_cluster, digits_cfg, tmp_path):
-    from kdpipe.training import trainer
+def test_one_teachers_label_settings_change_regenerates_only_it(ray_cluster, digits_cfg, tmp_path, local_epoch):
 
     cfg = copy.deepcopy(digits_cfg)
     cfg.cache.root = str(tmp_path / "cache")
@@ -249,9 +246,8 @@ def test_one_teachers_label_settings_change_regenerates_only_it(ray_cluster, dig
     assert (manifest["labels"]["mode"], manifest["labels"]["k"], manifest["labels"]["dtype"]) == ("topk", 4, "float32")
     assert manifest["units"][0]["part"].endswith(".tar")
     # A student mixing a full Parquet teacher and a top-k WebDataset teacher trains on both.
-    cfg.train.epochs = 1
-    out = trainer.train_student(cfg, distill=True)
-    assert out.teachers == ["mlp", "cnn"] and out.history[-1]["kd"] > 0
+    prepared, epoch = local_epoch(cfg)
+    assert prepared.plan.teachers == ("mlp", "cnn") and epoch.sums["kd"] > 0 and epoch.rows == 899
 
 
 def test_regenerate_every_rereads_the_teacher_registry(digits_cfg, generated, tmp_path):
