@@ -20,7 +20,8 @@ def ray_cluster():
 
     runtime.local_train_defaults()  # as `kdpipe` sets them when it starts a local Ray
     tmp = tempfile.mkdtemp(prefix="kdray-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, logging_level="ERROR",
+    ray.init(num_cpus=2, include_dashboard=True, _temp_dir=tmp,  # the dashboard: bench generate asks Ray's state API
+             logging_level="ERROR",
              log_to_driver=False, configure_logging=True,
              _system_config=runtime.local_system_config(2))
     runtime._quiet_ray_data()

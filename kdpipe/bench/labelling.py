@@ -487,7 +487,7 @@ def multi_teacher_pass(workdir: str, size: float = 1, repeats: int = 2, teachers
     MULTI_TEACHERS): one generate() call (one pass) against one call per teacher (separate),
     alternating, `repeats` rounds, every run into a fresh cache root; and the input-shard reads
     of every run. `size` scales the rows (size x 256)."""
-    runtime.ensure_ray(None, None)
+    runtime.ensure_ray(None, None, dashboard=True)  # read_tasks: Ray's state API answers through the dashboard
     d = setup()
     teachers = dict(teachers or d["teachers"])
     image_size, batch_size = image_size or d["image_size"], batch_size or d["batch_size"]

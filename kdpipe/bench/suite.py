@@ -41,7 +41,7 @@ def regeneration_cost(workdir: str, repeats: int = 2, size: float = 1.0, teacher
     the work ratio as `size` grows."""
     from kdpipe.bench import labelling
 
-    runtime.ensure_ray(None, None)
+    runtime.ensure_ray(None, None, dashboard=True)  # the generate part counts read tasks by Ray's state API
     d = labelling.setup()
     teachers = dict(teachers or d["teachers"])
     image_size, batch_size = image_size or d["image_size"], batch_size or d["batch_size"]

@@ -364,8 +364,9 @@ def epoch_metrics(epoch: int, alpha: float, temperature: float, lr: float, train
     return metrics
 
 
-def evaluate(model: torch.nn.Module, batches) -> tuple[float, int]:
-    """(accuracy, rows) of `model` over an iterable of {"x", "label"} batches."""
+def evaluate(model: torch.nn.Module, batches) -> tuple[int, int]:
+    """(correct, rows) of `model` over an iterable of {"x", "label"} batches: counts, which sum
+    across ranks exactly."""
     model.eval()
     correct = total = 0
     with torch.no_grad():
@@ -373,7 +374,7 @@ def evaluate(model: torch.nn.Module, batches) -> tuple[float, int]:
             pred = model(b["x"]).argmax(-1)
             correct += int((pred == b["label"]).sum())
             total += len(pred)
-    return (correct / total if total else float("nan")), total
+    return correct, total
 
 
 def evaluate_holdout(state: TrainState, settings: LoopSettings, batches: Iterable[Batch],
@@ -384,8 +385,8 @@ def evaluate_holdout(state: TrainState, settings: LoopSettings, batches: Iterabl
     # The module inside DDP: DDP's forward broadcasts buffers (BatchNorm statistics) in a
     # collective; evaluation runs the same weights on every rank without one.
     model = getattr(state.model, "module", state.model)
-    acc, n = evaluate(model, ({**b, "x": settings.preprocess.normalise(b["x"])} for b in batches))
-    correct, total = reduce([0.0 if n == 0 else acc * n, float(n)])
+    correct, total = reduce([float(c) for c in evaluate(model, ({**b, "x": settings.preprocess.normalise(b["x"])}
+                                                                   for b in batches))])
     return {"holdout_accuracy": correct / total if total else float("nan"), "holdout_rows": int(round(total)),
             "eval_s": time.time() - t0}
 
