@@ -59,17 +59,22 @@ def emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
     print(json.dumps(obj, default=float) if args.json else text, file=out, flush=True)
 
 
+def _writes_to_fd(stream, fd: int) -> bool:
+    """Does `stream` write to file descriptor `fd`? Not when it was replaced (e.g. captured by a
+    test): then the redirections here leave it be."""
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 @contextlib.contextmanager
 def stdout_for_results_only() -> Iterator[None]:
     """Point file descriptor 1 at stderr while a command runs, so that whatever Ray or a library
     prints (e.g. the raylet's worker-count warnings, which reach the driver's stdout) lands among
     the diagnostics, and stdout carries only the result (`--json` stays parseable)."""
     global _RESULTS
-    try:
-        redirect = sys.stdout.fileno() == 1
-    except (AttributeError, OSError, ValueError):  # stdout replaced (e.g. captured): leave it be
-        redirect = False
-    if not redirect:
+    if not _writes_to_fd(sys.stdout, 1):
         yield
         return
     sys.stdout.flush()
@@ -125,11 +130,7 @@ def stderr_without_ray_noise(noise: tuple[re.Pattern, ...] = RAY_NOISE) -> Itera
     """Send file descriptor 2 through a filter that drops RAY_NOISE while a command runs: Ray's
     core writes those lines from C++, past Python's logging. Everything else (tracebacks,
     progress bars, kdpipe's own lines) passes unchanged."""
-    try:
-        redirect = sys.stderr.fileno() == 2
-    except (AttributeError, OSError, ValueError):  # stderr replaced (e.g. captured): leave it be
-        redirect = False
-    if not redirect:
+    if not _writes_to_fd(sys.stderr, 2):
         yield
         return
     sys.stderr.flush()

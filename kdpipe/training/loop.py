@@ -385,8 +385,8 @@ def evaluate_holdout(state: TrainState, settings: LoopSettings, batches: Iterabl
     # The module inside DDP: DDP's forward broadcasts buffers (BatchNorm statistics) in a
     # collective; evaluation runs the same weights on every rank without one.
     model = getattr(state.model, "module", state.model)
-    correct, total = reduce([float(c) for c in evaluate(model, ({**b, "x": settings.preprocess.normalise(b["x"])}
-                                                                   for b in batches))])
+    counts = evaluate(model, ({**b, "x": settings.preprocess.normalise(b["x"])} for b in batches))
+    correct, total = reduce([float(c) for c in counts])
     return {"holdout_accuracy": correct / total if total else float("nan"), "holdout_rows": int(round(total)),
             "eval_s": time.time() - t0}
 

@@ -17,6 +17,7 @@ import time
 from typing import Any, TextIO
 
 from kdpipe import storage
+from kdpipe.training.loop import METRICS_FILE
 
 POLL_S = 1.0  # a HEAD-sized read per second: nothing next to an epoch
 
@@ -60,10 +61,9 @@ class EpochLines:
     def __init__(self, run_uri: str, storage_options: dict[str, Any], epochs: int, label: str = "",
                  out: TextIO | None = None, poll_s: float = POLL_S) -> None:
         self.fs, run = storage.filesystem(run_uri, storage_options)
-        self.path = storage.join(run, "metrics.jsonl")
+        self.path = storage.join(run, METRICS_FILE)
         self.epochs, self.label, self.out, self.poll_s = epochs, label, out, poll_s
         self.printed: set[int] = set()
-        self.attempt_start: int | None = None
         self.lines: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="kdpipe-epoch-lines", daemon=True)
@@ -76,7 +76,7 @@ class EpochLines:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.poll()  # the last epochs, written just before the fit returned
+        self._poll_quietly()  # the last epochs, written just before the fit returned
 
     def poll(self) -> None:
         for m in self._read():
@@ -102,9 +102,12 @@ class EpochLines:
                 break
         return rows
 
+    def _poll_quietly(self) -> None:
+        try:
+            self.poll()
+        except Exception:  # noqa: BLE001 - a progress line must never fail the run
+            pass
+
     def _follow(self) -> None:
         while not self._stop.wait(self.poll_s):
-            try:
-                self.poll()
-            except Exception:  # noqa: BLE001 - a progress line must never fail the run
-                continue
+            self._poll_quietly()

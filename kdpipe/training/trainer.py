@@ -8,6 +8,7 @@ units, plan the distillation (`plan_distillation`), build the student's datasets
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from kdpipe.training import losses, view
 from kdpipe.training.join import JoinPlan, MeanTarget, TeacherUnits, student_dataset
 from kdpipe.training.loop import LoopSettings, OnlineTeacher, _train_loop
 from kdpipe.training.losses import LossOptions
+from kdpipe.training.progress import EpochLines
 
 log = logging.getLogger("kdpipe")
 
@@ -82,13 +84,9 @@ def train_student(cfg: Config, distill: bool = True, run_name: str | None = None
     cached labels are found."""
     started = time.time()
     run = prepare_run(cfg, distill, run_name, paired_plain)
-    if progress:
-        from kdpipe.training.progress import EpochLines
-
-        label = "distilled" if run.plan.distill else "alone"
-        with EpochLines(run.uri, cfg.cache.storage_options, cfg.train.epochs, label):
-            result = fit(cfg, run.settings, run.datasets, run.name, run.per_worker)
-    else:
+    lines = (EpochLines(run.uri, cfg.cache.storage_options, cfg.train.epochs,
+                        "distilled" if run.plan.distill else "alone") if progress else contextlib.nullcontext())
+    with lines:
         result = fit(cfg, run.settings, run.datasets, run.name, run.per_worker)
     return finish_run(cfg, run.plan, result, run.name, run.uri, started)
 
