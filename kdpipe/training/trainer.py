@@ -263,25 +263,34 @@ def shuffled_rows(cfg: Config, source: inputs.SourceSpec, shards: list[inputs.In
     in the object store when `preload`, else from the training view on the cache's storage."""
     pre = preprocess_for(cfg)
     seed = cfg.train.seed
+    blocks = view.block_count(sum(_rows_estimate(s, units) for s in shards), _row_bytes(pre, {}, units, join),
+                              len(shards), cfg.train.num_workers)
     if preload:
         rows = student_dataset(source, shards, pre, units, join, decode_cpus=cfg.data.decode_cpus)
-        return rows.random_shuffle(seed=seed, num_cpus=runtime.READ_TASK_CPUS).materialize() \
-            .randomize_block_order(seed=seed)
+        rows = view.coalesce(rows.random_shuffle(seed=seed, num_cpus=runtime.READ_TASK_CPUS), len(shards), blocks)
+        return rows.materialize().randomize_block_order(seed=seed)
     found = view.ensure_view(cfg.cache.root, cfg.cache.storage_options, inputs.fingerprint(shards, source), source,
-                             shards, pre.geometry(), tuple(units), join, cfg.data.decode_cpus)
+                             shards, pre.geometry(), tuple(units), join, cfg.data.decode_cpus, files=blocks)
     return view.view_dataset(found, seed)
 
 
 def _estimate_bytes(plan: DistillPlan, pre, geometries: dict[str, dict[str, Any]], shards: list[inputs.InputShard],
                     holdout_shards: list[inputs.InputShard], paired_plain: bool) -> int:
     """The datasets' size once decoded and joined, before reading them (for the preload choice)."""
-    label_floats = (1 if plan.join.ensemble else len(plan.units)) * plan.join.num_classes
-    row_bytes = (int(np.prod(pre.image_shape)) + sum(int(np.prod(g["size"])) * g["channels"] for g in geometries.values())
-                 + 4 * label_floats) * max(1, plan.join.replay) + 16
+    row_bytes = _row_bytes(pre, geometries, plan.units, plan.join)
     rows = sum(_rows_estimate(s, plan.units) for s in shards) + sum(_rows_estimate(s, ()) for s in holdout_shards)
     if paired_plain:
         rows += sum(_rows_estimate(s, ()) for s in shards)  # (counted at the larger row size: an upper bound)
     return rows * row_bytes
+
+
+def _row_bytes(pre, geometries: dict[str, dict[str, Any]], units: tuple[TeacherUnits, ...] | list[TeacherUnits],
+               join: JoinPlan) -> int:
+    """One training row's bytes once decoded and joined: the student's pixels, the online
+    teachers' pixels (`geometries`), the targets of `units` as `join` forms them, per replayed view."""
+    label_floats = (1 if join.ensemble else len(units)) * join.num_classes if units else 0
+    return (int(np.prod(pre.image_shape)) + sum(int(np.prod(g["size"])) * g["channels"] for g in geometries.values())
+            + 4 * label_floats) * max(1, join.replay) + 16
 
 
 def default_run_name(cfg: Config, plan: DistillPlan) -> str:

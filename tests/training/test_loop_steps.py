@@ -257,6 +257,21 @@ def test_class_mix_counts_distinct_labels_per_step_and_compares_with_random_batc
     assert loop.class_mix_metrics(EpochPass(12, 1.0, {}, 0, 0.0), 4) == {}  # label-free: no figure
 
 
+def test_block_count_merges_small_shards_caps_bytes_and_never_splits():
+    from kdpipe.training.view import BLOCK_BYTES, block_count
+
+    # The benchmark's 64 shards of ~112 rows (7,192 rows, small rows): ~1,024 rows a block.
+    assert block_count(7192, 120, 64, 2) == 8
+    # The demo's 899 rows: one block per training worker, not one per shard.
+    assert block_count(899, 120, 8, 2) == 2
+    # Large rows: no block over BLOCK_BYTES, even when that means fewer rows than BLOCK_ROWS.
+    row = 150_528  # one 224x224 RGB image
+    n = block_count(1_281_167, row, 5000, 8)
+    assert 1_281_167 * row / n <= BLOCK_BYTES and n < 5000
+    # Never more blocks than the shards give, never fewer than one.
+    assert block_count(10, 120, 3, 8) == 3 and block_count(0, 120, 1, 1) == 1
+
+
 def test_expected_classes_matches_sampling_without_replacement():
     from kdpipe.training.view import expected_classes
 
