@@ -135,13 +135,14 @@ def _commit_units(cfg: Config, batches: Iterable[dict[str, np.ndarray]], shards:
                   fault: faults.Fault | None, progress: bool) -> dict[str, dict[str, dict]]:
     """Commit every teacher's unit of each shard as the shard completes; {teacher: {shard_id: record}}."""
     by_id = {s.shard_id: s for s in shards}
+    wanted = {name: set(ids) for name, ids in todo.items()}  # (a list's `in` is linear in the shards)
     written: dict[str, dict[str, dict]] = {t.name: {} for t in teachers}
     committed = 0  # units committed by this run
     with tqdm(total=sum(len(v) for v in todo.values()), desc="units committed", unit="unit",
               disable=not progress) as bar:
         for sid, rows, skipped in _complete_shards(batches, by_id):
             for t in teachers:
-                if sid not in todo[t.name]:
+                if sid not in wanted[t.name]:
                     continue
                 try:
                     written[t.name][sid] = _commit_unit(cfg, fs, dirs[t.name], t.name, by_id[sid], rows, skipped)
@@ -176,8 +177,8 @@ def _commit_unit(cfg: Config, fs, directory: str, teacher: str, shard: inputs.In
     if not rows[mask_column(teacher)].all():
         raise RuntimeError(f"{where}: some rows were not labelled")
     logits = rows[logits_column(teacher)]
-    softlabels.check_finite(logits, keys, where)
     lab = labels_for(cfg, teacher)
+    softlabels.check_storable(logits, keys, where, lab.dtype, lab.temperature, lab.mode == "topk")
     aug = rows.get("aug")
     data = codec.encode_unit(keys, logits, lab.mode, lab.k, lab.temperature, lab.dtype, lab.format,
                              lab.row_group_size, aug)

@@ -104,8 +104,9 @@ def make_plan(cfg: Config, inv: planning.Inventory | None = None) -> tuple[Plan,
         old_shards = {u["shard_id"] for u in (old_manifest or {}).get("units", [])}
         plan = TeacherPlan(name, info.digest, None if ref is None else ref.get("digest"), len(inv.shards),
                            len(inv.done[name]), len(inv.reusable[name]))
+        missing = set(inv.missing(name))  # once per teacher, not per shard
         for shard in inv.shards:
-            if shard.shard_id not in inv.missing(name):
+            if shard.shard_id not in missing:
                 continue
             if ref is None:
                 reason = "new teacher (no labels yet)"

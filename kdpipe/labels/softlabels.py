@@ -56,6 +56,31 @@ def check_finite(logits: np.ndarray, keys: list[str], where: str) -> None:
         )
 
 
+def check_storable(logits: np.ndarray, keys: list[str], where: str, dtype: str, temperature: float,
+                   topk: bool) -> None:
+    """Refuse labels that would be stored non-finite, naming the first bad sample: a NaN/Inf
+    teacher output (check_finite), a logit beyond the stored dtype's range (float16 holds
+    |z| <= 65504: a logit of 81,000 would be stored as Inf), and, for top-k labels, a
+    log-partition logsumexp(z / T) beyond float32's. Checked on the values as they are written."""
+    check_finite(logits, keys, where)
+    z = np.asarray(logits)
+    with np.errstate(over="ignore"):
+        bad = ~np.isfinite(z.astype(dtype)).all(axis=-1)
+        what = f"beyond {dtype}'s range"
+        if topk and not bad.any():
+            scaled = z.astype(np.float64) / temperature
+            top = scaled.max(axis=-1)
+            bad = ~np.isfinite((top + np.log(np.exp(scaled - top[:, None]).sum(axis=-1))).astype(np.float32))
+            what = f"its log-partition at T={temperature:g} is beyond float32's range"
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        if not what.startswith("its"):
+            what = f"a logit of {float(np.abs(z[first]).max()):.6g} is {what}"
+        fix = "set labels.dtype: float32, or " if dtype != "float32" else ""
+        raise InputError(f"{where}: the labels of sample {keys[first]!r} would be stored as Inf ({what}; "
+                         f"{int(bad.sum())} bad rows): {fix}check the teacher's checkpoint and preprocessing")
+
+
 def quality(logits: np.ndarray, temperature: float, labels: np.ndarray | None,
             k: int | None = None) -> dict[str, Any]:
     """Per-unit label-quality sums (add them up across units; divide by rows for means), from

@@ -53,6 +53,25 @@ def test_non_finite_teacher_output_is_refused_naming_the_sample():
     assert isinstance(e.value, InputError)
 
 
+def test_labels_that_would_be_stored_as_inf_are_refused_after_the_cast():
+    """A logit of 81,000 is finite in float32 but Inf in float16: refused, naming the sample and
+    the fix; float32 storage takes it. A top-k log-partition past float32 is refused too."""
+    z = np.zeros((3, 4), dtype=np.float32)
+    z[1, 2] = 81_000.0
+    with pytest.raises(InputError, match=r"'s1' would be stored as Inf \(a logit of 81000 is beyond float16"
+                                         r".*1 bad rows\): set labels.dtype: float32"):
+        softlabels.check_storable(z, ["s0", "s1", "s2"], "teacher 't'", "float16", 5.0, topk=False)
+    with pytest.raises(InputError, match="'s1'"):
+        softlabels.check_storable(z, ["s0", "s1", "s2"], "teacher 't'", "float16", 5.0, topk=True)
+    softlabels.check_storable(z, ["s0", "s1", "s2"], "teacher 't'", "float32", 5.0, topk=False)
+    huge = np.full((2, 4), 3e38, dtype=np.float32)
+    huge[0] = 0.0
+    with pytest.raises(InputError, match=r"'s1' .*log-partition at T=0.5 is beyond float32"):
+        softlabels.check_storable(huge, ["s0", "s1"], "teacher 't'", "float32", 0.5, topk=True)
+    with pytest.raises(InputError, match="not finite"):
+        softlabels.check_storable(np.full((1, 4), np.inf, np.float32), ["s0"], "teacher 't'", "float32", 1.0, False)
+
+
 def test_labels_a_command_needs_but_the_cache_lacks_are_cache_errors(tmp_path):
     """No ref, no manifest, a manifest of another schema: errors the CLI prints (KdpipeError,
     exit status 2), still the FileNotFoundError / ValueError they were."""
