@@ -106,8 +106,11 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 
 
-def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
-    write_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any, compact: bool = False) -> None:
+    """`obj` as JSON at `path` (write_bytes): indented, or `compact` (no whitespace: manifests,
+    whose size grows with the shards)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":")) if compact else json.dumps(obj, indent=2, sort_keys=True)
+    write_bytes(fs, path, (text + "\n").encode())
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:

@@ -72,11 +72,11 @@ def generate(cfg: Config, progress: bool = True, inv: Inventory | None = None) -
 
 
 def _reference_reusable_units(inv: Inventory, results: dict[str, TeacherResult]) -> None:
-    """Commit, in each teacher's unit directory, the records of units committed for another version
-    of the dataset (same teacher, same label settings): referenced, not relabelled."""
-    for name, directory in inv.dirs.items():
+    """Take the units committed for another version of the dataset (same teacher, same label
+    settings) as this one's: referenced by the manifest written at the end, not relabelled, and
+    not copied (no request per unit). Until that manifest lands, a rerun finds them again."""
+    for name in inv.dirs:
         for sid, record in inv.reusable[name].items():
-            storage.write_json(inv.fs, cache.unit_record_path(directory, sid), record)
             inv.done[name][sid] = record
             results[name].units_reused += 1
 
@@ -114,7 +114,7 @@ def _commit_manifest_and_ref(cfg: Config, inv: Inventory, info: TeacherInfo, pre
                         "checkpoint": info.checkpoint, "checkpoint_sha256": info.checkpoint_sha256,
                         "metrics": info.metrics, "precision": precision}
         manifest = cache.build_manifest(teacher_meta, inv.fingerprint, cfg.data.train, inv.settings[name], units)
-        storage.write_json(fs, storage.join(directory, cache.MANIFEST), manifest)
+        storage.write_json(fs, storage.join(directory, cache.MANIFEST), manifest, compact=True)
     result.quality = manifest["quality"]
     ref = {"teacher": name, "digest": info.digest, "fingerprint": inv.fingerprint,
            "label_hash": inv.label_hash[name], "manifest": storage.join(fs.unstrip_protocol(directory), cache.MANIFEST)}

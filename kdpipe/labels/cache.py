@@ -9,8 +9,13 @@ part files and unit records, manifests and refs. Under the cache root:
 
 A crash leaves at most a part file no record names; a rerun writes exactly the missing units.
 
-Readers trust manifests and unit records, never a listing (beyond finding sibling directories
-whose units can be reused). It knows nothing of the config: the driver turns a config into
+A manifest's units carry what their records say of them (quality included), and may live in a
+sibling directory (same teacher and label settings, another version of the dataset): units are
+reused by reference, in the manifest, without a copy of their records.
+
+Readers trust manifests and unit records. Finding them costs requests in proportion to the
+directories, not to the shards: a directory's manifest (one read) and one listing of its
+`_units/` (the records committed since), then a read only for a record the manifest lacks. It knows nothing of the config: the driver turns a config into
 label settings (kdpipe.generation.planning.label_settings_for).
 """
 
@@ -28,6 +33,7 @@ from kdpipe.errors import CacheError, CacheMissing
 from kdpipe.labels import codec, softlabels
 
 MANIFEST = "_manifest.json"
+UNITS = "_units"
 
 
 def label_settings(temperature: float, mode: str, dtype: str, fmt: str, num_classes: int,
@@ -78,7 +84,7 @@ def part_name(shard_id: str, fmt: str = "parquet", sha256: str = "") -> str:
 
 
 def unit_record_path(directory: str, shard_id: str) -> str:
-    return storage.join(directory, "_units", f"{shard_id}.json")
+    return storage.join(directory, UNITS, f"{shard_id}.json")
 
 
 def unit_part_path(directory: str, record: dict[str, Any]) -> str:
@@ -88,30 +94,87 @@ def unit_part_path(directory: str, record: dict[str, Any]) -> str:
     return storage.join(parent, record.get("dir") or own, record["part"])
 
 
+def committed_units(fs, directory: str, shard_ids: list[str] | set[str]) -> dict[str, dict[str, Any]]:
+    """{shard_id: record} of the units of `shard_ids` committed in `directory`: those its manifest
+    names (records there or referenced from a sibling), and those with a record in `_units/`
+    (committed since the manifest, or before it was first written). One manifest read and one
+    listing, then a read per record the manifest lacks: a rerun with nothing to do makes a few
+    requests per directory, whatever the number of shards."""
+    wanted = set(shard_ids)
+    if not wanted:
+        return {}
+    manifest = read_manifest(fs, directory)
+    found = {sid: rec for sid, rec in manifest_records(manifest).items() if sid in wanted} if manifest else {}
+    listed = listed_units(fs, directory) & wanted
+    found.update(read_units(fs, directory, sorted(listed - found.keys())))
+    return found
+
+
+def listed_units(fs, directory: str) -> set[str]:
+    """The shard ids with a unit record in `directory`: one listing of its `_units/`."""
+    path = storage.join(directory, UNITS)
+    fs.invalidate_cache(path)  # another writer may have committed since this process last listed it
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return set()
+    return {n.rstrip("/").rpartition("/")[2].removesuffix(".json") for n in names if n.endswith(".json")}
+
+
+def read_units(fs, directory: str, shard_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The unit records of `shard_ids` in `directory` (each known to exist), read in parallel:
+    an object store answers each in the time of a request, not of its bytes."""
+    if not shard_ids:
+        return {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(sid: str) -> tuple[str, dict[str, Any]]:
+        return sid, storage.read_json(fs, unit_record_path(directory, sid))
+
+    with ThreadPoolExecutor(max_workers=min(16, len(shard_ids))) as pool:
+        return dict(pool.map(one, shard_ids))
+
+
+def manifest_records(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The unit records a manifest keeps, {shard_id: record}, each with its skipped samples and
+    its `dir`; units of manifests written before they carried their quality are left out (their
+    records are read instead)."""
+    skipped: dict[str, list[dict[str, Any]]] = {}
+    for entry in manifest.get("skipped", []):
+        skipped.setdefault(entry["shard_id"], []).append(entry)
+    out = {}
+    for unit in manifest.get("units", []):
+        if "quality" not in unit:
+            continue
+        mine = skipped.get(unit["shard_id"], [])
+        out[unit["shard_id"]] = {**unit, "input_uri": mine[0].get("input_uri") if mine else None,
+                                 "skipped": [{k: v for k, v in e.items() if k not in ("shard_id", "input_uri")}
+                                             for e in mine]}
+    return out
+
+
 def find_reusable_units(fs, directory: str, shard_ids: list[str]) -> dict[str, dict[str, Any]]:
     """Committed units for `shard_ids` in sibling directories with the same label settings.
 
-    Lists the teacher digest's directory to find siblings (a discovery step), then trusts only
-    their unit records. Returns {shard_id: record pointing at the sibling's part file}."""
-    if not shard_ids:
+    Lists the teacher digest's directory to find siblings (a discovery step), then takes each
+    sibling's committed units (committed_units: its manifest and one listing), the first sibling
+    in name order that has a shard winning. Returns {shard_id: record pointing at the sibling's
+    part file}."""
+    remaining = set(shard_ids)
+    if not remaining:
         return {}
     parent, _, own = directory.rstrip("/").rpartition("/")
     label_hash = own.rpartition("-")[2]
     siblings = sorted(p.rstrip("/").rpartition("/")[2] for p in fs.ls(parent, detail=False)) if fs.exists(parent) else []
     siblings = [s for s in siblings if s != own and s.endswith(f"-{label_hash}")]
     found: dict[str, dict[str, Any]] = {}
-    for sid in shard_ids:
-        for sibling in siblings:
-            record = read_unit(fs, storage.join(parent, sibling), sid)
-            if record is not None:
-                found[sid] = {**record, "dir": record.get("dir") or sibling}
-                break
+    for sibling in siblings:
+        if not remaining:
+            break
+        for sid, record in committed_units(fs, storage.join(parent, sibling), remaining).items():
+            found[sid] = {**record, "dir": record.get("dir") or sibling}
+        remaining -= found.keys()
     return found
-
-
-def read_unit(fs, directory: str, shard_id: str) -> dict[str, Any] | None:
-    path = unit_record_path(directory, shard_id)
-    return storage.read_json(fs, path) if fs.exists(path) else None
 
 
 def write_unit(fs, directory: str, shard: dict[str, Any], data: bytes, fmt: str, keys: list[str],
@@ -149,7 +212,7 @@ def build_manifest(teacher: dict[str, Any], fingerprint: str, dataset_uri: str,
         "dataset": {"uri": dataset_uri, "fingerprint": fingerprint},
         "labels": settings,
         "exactness": EXACTNESS[settings["mode"]],
-        "units": [{k: u[k] for k in ("shard_id", "dir", "part", "rows", "keys_sha256", "sha256", "bytes")}
+        "units": [{k: u[k] for k in ("shard_id", "dir", "part", "rows", "keys_sha256", "sha256", "bytes", "quality")}
                   for u in units],
         "rows": sum(u["rows"] for u in units),
         # Samples dropped under data.on_bad_sample=skip, with the reason: never silent.

@@ -105,3 +105,72 @@ def test_bad_fault_spec_is_a_config_error():
         faults.parse("disk_full")
     with pytest.raises(ConfigError, match=r"'units' is not key=value"):
         faults.parse("driver_exit:units")
+
+
+def _complete_cache(inv: planning.Inventory, shard_ids: list[str], fs=None) -> None:
+    """Commit a unit of every teacher for `shard_ids` as the pipeline would (part, then record),
+    with stand-in bytes: the inventory and the commit read records and manifests, not parts."""
+    by_id = {s.shard_id: s for s in inv.shards}
+    for name, directory in inv.dirs.items():
+        for sid in shard_ids:
+            shard = by_id[sid]
+            keys = [f"{sid}-{i}" for i in range(shard.num_rows or 1)]
+            cache.write_unit(fs or inv.fs, directory, {"shard_id": sid, "uri": shard.uri, "token": shard.token},
+                             f"{name}:{sid}".encode(), "parquet", keys,
+                             {"rows": len(keys), "entropy_sum": 1.0, "max_prob_sum": 0.5})
+
+
+def test_cache_requests_grow_with_teachers_and_new_shards_not_with_the_shards(tmp_path):
+    """200 input shards x 3 teachers, with storage requests counted: a rerun with nothing to do
+    makes a few per teacher; a new version of the dataset with S new shards references the 200
+    committed units through the old manifests (no request per unit) and adds requests for the S
+    only. Ray is never started: nothing is left to label when generate runs."""
+    import shutil
+
+    from kdpipe import storage
+    from kdpipe.data import digits
+    from kdpipe.generation import generate
+    from kdpipe.teachers.checkpoints import save_checkpoint
+    from kdpipe.teachers.models import build_model
+    from kdpipe.testing.counting import counting_requests
+
+    cfg = config.resolve_paths(config.load_config(None, [f"workdir={tmp_path}", "data.num_shards=200"]))
+    digits.ensure_builtin(cfg.data)
+    for t in cfg.teachers:
+        save_checkpoint(build_model(t.arch, 10, (1, 8, 8)), t.checkpoint, {}, t.arch, 10, {})
+    inv = planning.inventory(cfg)
+    assert len(inv.shards) == 200
+    _complete_cache(inv, [s.shard_id for s in inv.shards])
+    first = generate.generate(cfg, progress=False)  # manifests and refs; nothing to label
+    assert first.teacher_forward_passes == 0 and all(r.units_written == 0 for r in first.teachers.values())
+    root = str(tmp_path / "cache")
+
+    with counting_requests(root) as rerun:
+        again = generate.generate(cfg, progress=False)
+    assert again.teacher_forward_passes == 0
+    per_teacher = rerun.total / len(cfg.teachers)
+    assert rerun.total > 0 and per_teacher <= 12, rerun.requests  # was 2 per unit: ~400 per teacher
+    assert rerun.requests["put"] == 0  # nothing changed: nothing written
+
+    # A new version of the dataset: S new shards (copies of the first S, with keys of their own).
+    fs, train = storage.filesystem(cfg.data.train)
+    files = sorted(p for p in fs.find(train) if p.endswith(".parquet"))
+    for s, path in enumerate(files[:5]):
+        shutil.copy(path, path.replace(".parquet", f"-new{s}.parquet"))
+    new_inv = planning.inventory(cfg)
+    new = sorted(set(s.shard_id for s in new_inv.shards) - set(s.shard_id for s in inv.shards))
+    assert len(new) == 5 and new_inv.fingerprint != inv.fingerprint
+    assert all(len(new_inv.reusable[n]) == 200 and not new_inv.done[n] for n in new_inv.dirs)
+    with counting_requests(root) as grown:
+        _complete_cache(new_inv, new, grown)  # what the pipeline writes for the S new shards
+        report = generate.generate(cfg, progress=False)
+    assert all((r.units_reused, r.units_written) == (200, 0) for r in report.teachers.values())
+    # Per teacher: a part and a record per new shard, its read back, the manifest and the ref;
+    # plus the inventory's few per directory.
+    assert grown.requests["put"] == len(cfg.teachers) * (2 * len(new) + 2), grown.requests
+    assert grown.total <= len(cfg.teachers) * (3 * len(new) + 20), grown.requests
+    # The new manifests reference the old units where they are (in the first version's directory).
+    manifest = cache.read_manifest(fs, report.teachers["mlp"].directory.removeprefix("file://"))
+    dirs = {u["dir"] for u in manifest["units"]}
+    assert len(manifest["units"]) == 205 and len(dirs) == 2 and manifest["rows"] == 899 + sum(
+        u["rows"] for u in manifest["units"] if u["shard_id"] in new)
