@@ -77,10 +77,12 @@ def test_rerun_reuses_everything(digits_cfg, generated):
 
 
 def test_lost_unit_is_redone_alone(digits_cfg, generated):
-    """A crash between part file and record leaves the unit uncommitted; a rerun redoes just it."""
+    """A crash between part file and record leaves the unit uncommitted (and, as the manifest is
+    written last, no manifest naming it); a rerun redoes just it."""
     fs, directory, manifest = _units(digits_cfg, generated, "cnn")
     victim = manifest["units"][0]
     fs.rm(cache.unit_record_path(fs._strip_protocol(directory), victim["shard_id"]))
+    fs.rm(storage.join(fs._strip_protocol(directory), cache.MANIFEST))
     again = generate.generate(digits_cfg, progress=False)
     assert again.teachers["cnn"].units_written == 1
     assert again.teachers["cnn"].rows_labelled == victim["rows"]
