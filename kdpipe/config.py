@@ -135,7 +135,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float | None = None  # None = sized from the cluster
     seed: int = 0
-    shuffle_buffer: int = 512
+    shuffle_buffer: int = 512  # rows in each worker's local shuffle buffer (0: none; the rows are shuffled once already)
     checkpoint_every: int = 0  # epochs between checkpoints (and reports to Ray Train); 0: by time only; the last epoch always
     checkpoint_every_s: float = 60.0  # and whenever this long has passed since the last one (a report costs ~2 s)
     keep_checkpoints: int = 2  # the newest N checkpoints are kept in storage_path; older ones are deleted
@@ -250,6 +250,8 @@ def validate_train_loop(tr: TrainConfig) -> None:
         raise _bad("train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1 (the last one resumes the run)")
     if tr.num_workers < 1:
         raise _bad("train.num_workers", tr.num_workers, "must be >= 1")
+    if tr.shuffle_buffer < 0:
+        raise _bad("train.shuffle_buffer", tr.shuffle_buffer, "rows in each worker's local shuffle buffer: 0 (none) or more")
 
 
 def validate_data(data: DataConfig) -> None:

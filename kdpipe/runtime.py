@@ -120,10 +120,13 @@ def plan_teacher_pools(cpus: float, gpus: float,
     ~1.6x as fast as 1 actor x 1 thread, and ~1.35x as fast as 1 actor x 2 threads.
     Torch threads per sized CPU actor: the cores over all teachers' CPU actors (at least 1), so
     the actors keep every core busy (Ray books the reservations, it does not cap threads). With GPUs: one actor per
-    requested GPU share, one CPU each when there are CPUs to spare.
+    requested GPU share, one CPU each when there are CPUs to spare; the GPUs no fixed-size pool
+    takes are split among the GPU teachers sized here so that none is left over where an actor
+    still fits (gpu_pool_sizes: 8 GPUs for 3 one-GPU teachers are 3 + 3 + 2 actors, not 2 + 2 + 2).
     """
     n = max(1, len(requests))
     budget = cpus * TEACHER_CPU_SHARE / n
+    gpu_sizes = gpu_pool_sizes(gpus, requests)
     plans, sized = [], []
     for name, num_cpus, num_gpus, pool_size in requests:
         if num_gpus > gpus or (num_cpus or 0) > cpus:
@@ -133,7 +136,7 @@ def plan_teacher_pools(cpus: float, gpus: float,
             )
         auto = False
         if num_gpus > 0:
-            size = pool_size or max(1, int(gpus / num_gpus / n))
+            size = pool_size or gpu_sizes[name]
             cpu = num_cpus if num_cpus is not None else min(1.0, max(0.25, budget / size))
         elif num_cpus is not None:
             size = pool_size or max(1, int(budget // num_cpus))
@@ -149,9 +152,37 @@ def plan_teacher_pools(cpus: float, gpus: float,
         plans.append(ActorPlan(num_cpus=float(cpu), num_gpus=float(num_gpus), pool_size=int(size),
                                threads=max(1, int(cpu))))
         sized.append(auto)
+    demand = sum(p.num_gpus * p.pool_size for p in plans)
+    if demand > gpus + 1e-9:  # every pool's actors run at once (images flow through all of them)
+        raise ConfigError(
+            f"teachers {[r[0] for r in requests if r[2] > 0]} need {demand:g} GPUs at once (one actor each at "
+            f"least, or their pool sizes) but the Ray cluster has {gpus:g}: Ray would wait forever; give them "
+            "fractional teachers[].num_gpus (e.g. 0.5 to share a GPU) or smaller pool sizes")
     cpu_actors = sum(p.pool_size for p in plans if p.num_gpus == 0)
     threads = max(1, int(cpus // cpu_actors)) if cpu_actors else 1
     return [replace(p, threads=max(p.threads, threads)) if auto else p for p, auto in zip(plans, sized, strict=True)]
+
+
+def gpu_pool_sizes(gpus: float, requests: list[tuple[str, float | None, float, int | None]]) -> dict[str, int]:
+    """Actors per GPU teacher whose pool size is not given, {name: size}: the GPUs left by the
+    fixed-size GPU pools, an equal share each (at least one actor), then one more actor at a time
+    to each teacher in turn while one still fits, so no GPU is left over that an actor could use.
+    CPU-only teachers take no share."""
+    sized = [(name, g) for name, _, g, size in requests if g > 0 and not size]
+    if not sized:
+        return {}
+    free = gpus - sum(g * size for _, _, g, size in requests if g > 0 and size)
+    sizes = {name: max(1, int(free / len(sized) / g + 1e-9)) for name, g in sized}
+    left = free - sum(sizes[name] * g for name, g in sized)
+    grown = True
+    while grown:
+        grown = False
+        for name, g in sized:
+            if g <= left + 1e-9:
+                sizes[name] += 1
+                left -= g
+                grown = True
+    return sizes
 
 
 def plan_train_worker_cpus(cpus: float, num_workers: int, requested: float | None) -> float:

@@ -96,6 +96,7 @@ def _with(cfg, edit):
      "teachers[2].labels.k=11"),
     (lambda: config.validate_cache(config.CacheConfig(inject_fault="disk_full")), "cache.inject_fault='disk_full'"),
     (lambda: config.validate_train_loop(config.TrainConfig(num_workers=0)), "train.num_workers=0"),
+    (lambda: config.validate_train_loop(config.TrainConfig(shuffle_buffer=-1)), "train.shuffle_buffer=-1"),
     (lambda: config.validate_data(config.DataConfig(format="csv")), "data.format='csv'"),
     (lambda: config.validate_data(config.DataConfig(image_shape=[2, 8, 8])), "data.image_shape=[2, 8, 8]"),
     (lambda: config.validate_preprocess({"image_shape": [1, 8, 8], "resize": 0, "scale": 1.0, "mean": [], "std": []},

@@ -30,6 +30,29 @@ def test_gpu_teachers_share_the_gpus():
     assert sum(p.num_gpus * p.pool_size for p in plans) <= 4
 
 
+@pytest.mark.parametrize("gpus, requests, sizes", [
+    (8, [("a", None, 1.0, None), ("b", None, 1.0, None), ("c", None, 1.0, None)], [3, 3, 2]),
+    # a CPU-only teacher takes no GPU share; a fixed-size pool takes its GPUs first
+    (8, [("a", None, 1.0, None), ("cpu", None, 0.0, None), ("b", None, 1.0, 2)], [6, None, 2]),
+    (3, [("a", None, 0.5, None), ("b", None, 1.0, None)], [4, 1]),
+])
+def test_gpu_teachers_leave_no_gpu_over(gpus, requests, sizes):
+    plans = plan_teacher_pools(32, gpus, requests)
+    assert [p.pool_size if p.num_gpus else None for p in plans] == sizes
+    used = sum(p.num_gpus * p.pool_size for p in plans)
+    assert used == gpus
+    assert all(used + p.num_gpus > gpus for p in plans if p.num_gpus)  # no teacher's actor still fits
+
+
+def test_gpu_teachers_that_cannot_all_run_at_once_are_refused():
+    """Images flow through every teacher's pool at once: two one-GPU teachers on one GPU would
+    wait forever for each other's GPU."""
+    with pytest.raises(ValueError, match=r"teachers \['a', 'b'\] need 2 GPUs at once .* has 1: .*fractional"):
+        plan_teacher_pools(8, 1, [("a", None, 1.0, None), ("b", None, 1.0, None)])
+    plans = plan_teacher_pools(8, 1, [("a", None, 0.5, None), ("b", None, 0.5, None)])
+    assert [p.pool_size for p in plans] == [1, 1]
+
+
 def test_explicit_requests_win():
     (plan,) = plan_teacher_pools(8, 0, [("a", 2.0, 0.0, 2)])
     assert (plan.num_cpus, plan.pool_size, plan.threads) == (2.0, 2, 2)

@@ -353,14 +353,31 @@ def read_teacher_inputs(batch: dict[str, np.ndarray], source: SourceSpec, shards
 
 def shard_dataset(shards: list[InputShard], read, decode_cpus: float | None = None, **kwargs: Any):
     """The one read step of generation, training and the benchmarks: a Ray Dataset with one read
-    task per input shard, in the order of `shards`. Each task calls `read(batch, shards=...,
-    **kwargs)` with a one-row batch naming its shard, and `decode_cpus` CPUs (default
-    runtime.READ_TASK_CPUS): fractional, so read tasks never take every CPU of a small machine."""
+    task per input shard, in the order of `shards`. Each task calls `read(batch, shards={its
+    shard}, **kwargs)` with a one-row batch naming its shard, and `decode_cpus` CPUs (default
+    runtime.READ_TASK_CPUS): fractional, so read tasks never take every CPU of a small machine.
+
+    Each task's row carries its own shard, not the arguments the map of every shard: an
+    ImageFolder shard lists its files, and the whole list (1.28M files for ImageNet) would
+    otherwise ride with every task."""
+    import pickle
+
     import ray.data
 
     from kdpipe import runtime
 
-    items = [{"shard_id": s.shard_id} for s in shards]
+    items = [{"shard_id": s.shard_id, SHARD_COLUMN: pickle.dumps(s)} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(read, batch_size=1, num_cpus=decode_cpus or runtime.READ_TASK_CPUS,
-                          fn_kwargs={"shards": {s.shard_id: s for s in shards}, **kwargs})
+    return ds.map_batches(read_own_shard, batch_size=1, num_cpus=decode_cpus or runtime.READ_TASK_CPUS,
+                          fn_kwargs={"read": read, **kwargs})
+
+
+SHARD_COLUMN = "input_shard"  # shard_dataset's rows: the pickled InputShard each read task reads
+
+
+def read_own_shard(batch: dict[str, np.ndarray], read, **kwargs: Any):
+    """shard_dataset's task: `read` on the one shard its row carries."""
+    import pickle
+
+    shard: InputShard = pickle.loads(batch.pop(SHARD_COLUMN)[0])
+    return read(batch, shards={shard.shard_id: shard}, **kwargs)

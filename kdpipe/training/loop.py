@@ -481,7 +481,7 @@ def _shard_steps(name: str, settings: LoopSettings, state: TrainState, epoch: in
 
     shard = ray.train.get_dataset_shard(name)
     fetched = shard.iter_torch_batches(batch_size=fetch_rows(settings.batch_size), device=state.device,
-                                       local_shuffle_buffer_size=settings.shuffle_buffer,
+                                       local_shuffle_buffer_size=settings.shuffle_buffer or None,  # (Ray hangs on 0)
                                        local_shuffle_seed=settings.seed * 1000 + epoch * 10 + state.rank)
     return split_batches(fetched, settings.batch_size)
 

@@ -344,3 +344,26 @@ def test_missing_and_unlisted_inputs_are_kdpipe_errors(tmp_path):
 def test_an_unknown_protocol_is_a_config_error_naming_the_uri():
     with pytest.raises(config.ConfigError, match=r"URI 'nosuchproto://b/k': .*nosuchproto"):
         storage.filesystem("nosuchproto://b/k")
+
+
+def test_each_read_task_carries_only_its_own_shard():
+    """shard_dataset's rows carry one pickled shard each (an ImageFolder shard lists its files);
+    the read step gets {its shard} and the batch it always had."""
+    import pickle
+
+    from kdpipe.data import readers
+    from kdpipe.data.inputs import InputShard
+
+    shards = [InputShard(f"cls{i}-0000000{i}", f"file:///d/cls{i}", 3, {"size": 3}, "file:///d",
+                         tuple(f"cls{i}/{j}.png" for j in range(3))) for i in range(3)]
+    seen = {}
+
+    def read(batch, shards, scale):
+        seen.update(shards=shards, columns=sorted(batch), scale=scale)
+        return {"rows": np.array([len(next(iter(shards.values())).members)])}
+
+    batch = {"shard_id": np.array([shards[1].shard_id]),
+             readers.SHARD_COLUMN: np.array([pickle.dumps(shards[1])], dtype=object)}
+    out = readers.read_own_shard(batch, read=read, scale=2)
+    assert seen == {"shards": {shards[1].shard_id: shards[1]}, "columns": ["shard_id"], "scale": 2}
+    assert out["rows"].tolist() == [3]
