@@ -48,6 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_student(benchmarks)
     _add_quality(benchmarks)
     _add_parity(benchmarks)
+    _add_driver(benchmarks)
     for name, (text, description) in SUITE.items():
         _add_suite_part(benchmarks, name, text, description)
     _add_show(benchmarks)
@@ -106,6 +107,35 @@ def _add_quality(benchmarks) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value of the demo config (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _add_driver(benchmarks) -> None:
+    p = benchmarks.add_parser(
+        "driver", help="generation's driver at two dataset sizes: CPU, memory, storage requests and bytes",
+        description="Label synthetic 8x8 images with linear teachers over many classes (full float16 labels and "
+                    "top-k labels), at each size into an empty cache, and print samples/s, the driver's CPU "
+                    "seconds and per sample and teacher, its peak memory, and the storage requests and bytes it "
+                    "made on the cache, with how each grew from the smallest size to the largest.")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--rows", default="100000,200000", help="comma-separated dataset sizes (default 100000,200000)")
+    p.add_argument("--shards", type=int, default=100, help="input shards at every size (default 100)")
+    p.add_argument("--classes", type=int, default=1000, help="classes (default 1000)")
+    p.add_argument("--teachers", type=int, default=3, help="linear teachers (default 3)")
+    p.add_argument("--k", type=int, default=10, help="k of the top-k labels (default 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _driver(args: argparse.Namespace, emit: common.Emit) -> int:
+    sizes = _ints(args.rows, "--rows")
+    if not sizes or min(sizes) < 1 or min(args.shards, args.classes, args.teachers, args.k) < 1 or args.k > args.classes:
+        raise ConfigError("bench driver: --rows, --shards, --classes, --teachers and --k must be positive, "
+                          "and --k at most --classes")
+    from kdpipe.bench import driver
+
+    with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as tmp:
+        result = driver.driver_figures(args.workdir or tmp, sizes, args.shards, args.classes, args.teachers, args.k)
+    emit(args, result, driver.format_driver(result))
+    return 0
 
 
 def _add_parity(benchmarks) -> None:
@@ -170,6 +200,8 @@ def run(args: argparse.Namespace, emit: common.Emit) -> int:
         return _student(args, emit)
     if command == "parity":
         return _parity(args, emit)
+    if command == "driver":
+        return _driver(args, emit)
     if command == "show":
         return _show(args, emit)
     return _suite(args, emit)

@@ -26,6 +26,7 @@ class CountingFileSystem(LocalFileSystem):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.requests: Counter[str] = Counter()
+        self.bytes_written = 0  # by kdpipe.storage.write_bytes (counting_requests)
         self._lock = threading.Lock()
         self._depth = threading.local()
 
@@ -76,6 +77,7 @@ def counting_requests(folder: str) -> Iterator[CountingFileSystem]:
         if target is fs:  # a local write goes through os (an atomic rename), not the filesystem
             with fs._lock:
                 fs.requests["put"] += 1
+                fs.bytes_written += len(data)
             fs._depth.n = 1
             try:
                 return write_bytes(target, path, data)

@@ -116,3 +116,23 @@ def test_bench_all_goes_on_after_a_failed_part_and_keeps_what_it_measured(tmp_pa
     unknown = subprocess.run([sys.executable, "-m", "kdpipe.cli", "bench", "all", "--only", "p4,p5"],
                              capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "benchmark parts ['p5'] (--only): use some of p1, p2" in unknown.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_driver_benchmark_measures_cpu_memory_requests_and_bytes(ray_cluster, tmp_path):
+    """`kdpipe bench driver`'s figures at a tiny size, through the real generation path: every
+    row labelled by every teacher, the driver's CPU and memory measured, the cache's requests and
+    bytes counted; the same inputs and teachers are reused across the modes."""
+    from kdpipe.bench import driver
+
+    r = driver.driver_figures(str(tmp_path), sizes=(600, 1200), shards=3, classes=40, teachers=2, k=5,
+                              modes=("topk",))
+    assert [(x["rows"], x["labelled"]) for x in r["runs"]] == [(600, 1200), (1200, 2400)]
+    for x in r["runs"]:
+        assert x["driver_cpu_s"] > 0 and x["driver_peak_rss_mib"] > 100 and x["mib_written"] > 0
+        # 2 teachers x 3 shards: a part and a record per unit, then a manifest and a ref per teacher
+        assert x["requests_by_kind"]["put"] == 2 * (2 * 3 + 2)
+    assert r["size_ratio"] == 2 and r["growth"]["topk"]["requests"] == 1.0
+    assert "top-5" in driver.format_driver(r)
+    assert len(list(tmp_path.glob("linear-40-*.pt"))) == 2 and len(list(tmp_path.glob("inputs-*"))) == 2
