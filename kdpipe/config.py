@@ -27,9 +27,13 @@ class RayConfig:
     address: str | None = None  # None: start a local Ray inside the command
     num_cpus: float | None = None  # local Ray only; None lets Ray count the machine's cores
     dashboard: bool = False  # local Ray only: start Ray's dashboard too (ray[default]; ~2 s at start, ~10% of a core)
+    # pools: an actor pool per teacher, chained; fused: every teacher in each actor of one pool;
+    # auto: fused when no teacher asks for a GPU (1.4x faster on the demo, measured), else pools
+    teacher_placement: str = "auto"
 
 
 INPUT_FORMATS = ("parquet", "webdataset", "imagefolder")
+PLACEMENTS = ("auto", "pools", "fused")  # ray.teacher_placement
 PREPROCESS_KEYS = ("image_shape", "resize", "scale", "mean", "std")
 
 
@@ -190,6 +194,8 @@ def validate(cfg: Config) -> None:
 
     One step per section, in this order (a config with several faults reports the first)."""
     validate_labels(cfg.labels, cfg.data.num_classes)
+    if cfg.ray.teacher_placement not in PLACEMENTS:
+        raise _bad("ray.teacher_placement", cfg.ray.teacher_placement, f"use {', '.join(PLACEMENTS)}")
     validate_cache(cfg.cache)
     validate_train_loop(cfg.train)
     validate_data(cfg.data)
@@ -198,6 +204,16 @@ def validate(cfg: Config) -> None:
     validate_train_objective(cfg.train)
     validate_train_run(cfg.train)
     validate_teacher_mix(cfg.train, [t.name for t in cfg.teachers])
+
+
+def teacher_placement(cfg: Config, teachers: list[TeacherConfig]) -> str:
+    """ray.teacher_placement with "auto" resolved for `teachers`: fused when none asks for a GPU
+    (on the demo's three teachers, 2 cores: generate() in 5.2 s fused against 7.3 s in pools,
+    medians of 3 alternating runs), else pools (each teacher keeps its own GPU share; no GPU
+    measurement has chosen otherwise yet)."""
+    if cfg.ray.teacher_placement != "auto":
+        return cfg.ray.teacher_placement
+    return "pools" if any(t.num_gpus for t in teachers) else "fused"
 
 
 def _bad(key: str, value: Any, hint: str) -> ConfigError:

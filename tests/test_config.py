@@ -43,6 +43,7 @@ def test_unknown_key_fails_naming_it(override, needle):
     ("train.epochs=many", "train.epochs"),
     ("train.teacher_weights=[1, 2]", "train.teacher_weights"),
     ("teachers.0.name=bad/name", "teachers[0].name"),
+    ("ray.teacher_placement=stacked", "ray.teacher_placement='stacked'"),
 ])
 def test_bad_values_fail_naming_key_and_value(override, needle):
     with pytest.raises(ConfigError) as e:

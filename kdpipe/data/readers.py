@@ -366,10 +366,13 @@ def shard_dataset(shards: list[InputShard], read, decode_cpus: float | None = No
 
     from kdpipe import runtime
 
+    def task(batch: dict[str, np.ndarray], **task_kwargs: Any):
+        return read_own_shard(batch, read, **task_kwargs)
+
+    task.__name__ = task.__qualname__ = read.__name__  # Ray's task name: MapBatches(<the read step>)
     items = [{"shard_id": s.shard_id, SHARD_COLUMN: pickle.dumps(s)} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(read_own_shard, batch_size=1, num_cpus=decode_cpus or runtime.READ_TASK_CPUS,
-                          fn_kwargs={"read": read, **kwargs})
+    return ds.map_batches(task, batch_size=1, num_cpus=decode_cpus or runtime.READ_TASK_CPUS, fn_kwargs=kwargs)
 
 
 SHARD_COLUMN = "input_shard"  # shard_dataset's rows: the pickled InputShard each read task reads

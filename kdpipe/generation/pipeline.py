@@ -3,8 +3,11 @@
     read+decode (tasks, one per input shard) -> teacher A pool -> teacher B pool -> ... -> driver
 
 Each input shard is read and decoded once; every teacher runs in its own actor pool with its own
-resources, chained so all pools work at the same time on different batches. The driver groups
-label rows by input shard and commits a unit the moment all of a shard's rows are in.
+resources, chained so all pools work at the same time on different batches. With
+`ray.teacher_placement: fused`, one pool instead, each of whose actors runs every teacher on each
+batch (FusedTeacherPredictor): images make no hop from pool to pool, and fewer actor processes
+start. The driver groups label rows by input shard and commits a unit the moment all of a
+shard's rows are in.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kdpipe import runtime, storage
-from kdpipe.config import Config, TeacherConfig, labels_for, preprocess_for, teacher_precision
+from kdpipe.config import Config, TeacherConfig, labels_for, preprocess_for, teacher_placement, teacher_precision
 from kdpipe.data import inputs, readers
 from kdpipe.errors import InputError, StorageUnreachable
 from kdpipe.labels import cache, codec, softlabels
 from kdpipe.teachers.predictor import (
+    FusedTeacherPredictor,
     PredictorSettings,
     TeacherPredictor,
     logits_column,
@@ -70,7 +74,11 @@ def _labelled_dataset(cfg: Config, source: inputs.SourceSpec, shards: list[input
     import ray.data
 
     cpus, gpus = runtime.cluster_cpus_gpus()
-    plans = runtime.plan_teacher_pools(cpus, gpus, [(t.name, t.num_cpus, t.num_gpus, t.pool_size) for t in teachers])
+    fused = teacher_placement(cfg, teachers) == "fused" and len(teachers) > 1
+    requests = [(t.name, t.num_cpus, t.num_gpus, t.pool_size) for t in teachers]
+    if fused:  # one pool whose every actor runs all the teachers: a GPU each when they asked for GPUs
+        requests = [("+".join(t.name for t in teachers), None, 1.0 if any(t.num_gpus for t in teachers) else 0.0, None)]
+    plans = runtime.plan_teacher_pools(cpus, gpus, requests)
     pre = {t.name: preprocess_for(cfg, t.name) for t in teachers}
     geometries = {p.pixels_column(): p.geometry() for p in pre.values()}  # teachers with the same geometry share a view
     log.info("%d teacher(s), %d distinct preprocessing view(s): each image is decoded once", len(teachers), len(geometries))
@@ -81,18 +89,24 @@ def _labelled_dataset(cfg: Config, source: inputs.SourceSpec, shards: list[input
     # label, taking CPU from those that do (measured: a 1-shard run on 2 cores, 8.2 s, not 9.8 s).
     rows = None if any(s.num_rows is None for s in shards) else \
         sum(s.num_rows for s in shards) * (1 + cfg.labels.views)
-    for i, (t, plan) in enumerate(zip(teachers, plans, strict=True)):
+    settings = []
+    for i, (t, plan) in enumerate(zip(teachers, plans * len(teachers) if fused else plans, strict=True)):
         later = {pre[u.name].pixels_column() for u in teachers[i + 1:]}
-        bundles = len(shards) if rows is None else min(len(shards), max(1, math.ceil(rows / t.batch_size)))
+        settings.append(predictor_settings(cfg, t, plan, None if len(todo[t.name]) == len(shards) else todo[t.name],
+                                           drop=[v for v in geometries if v not in later], fault=fault))
+    # (actor class, its settings, batch size, plan, the teachers it runs): a stage per teacher, or one for all
+    stages = [(FusedTeacherPredictor, tuple(settings), min(t.batch_size for t in teachers), plans[0], teachers)] \
+        if fused else [(TeacherPredictor, s, t.batch_size, plan, [t])
+                       for s, t, plan in zip(settings, teachers, plans, strict=True)]
+    for predictor, stage_settings, batch_size, plan, members in stages:
+        bundles = len(shards) if rows is None else min(len(shards), max(1, math.ceil(rows / batch_size)))
         size = min(plan.pool_size, bundles)
-        log.info("teacher %s: %d actor(s) x %.2f CPU, %.2f GPU, batch %d, %s", t.name, size,
-                 plan.num_cpus, plan.num_gpus, t.batch_size, teacher_precision(t))
-        settings = predictor_settings(cfg, t, plan, None if len(todo[t.name]) == len(shards) else todo[t.name],
-                                      drop=[v for v in geometries if v not in later], fault=fault)
+        log.info("teacher %s: %d actor(s) x %.2f CPU, %.2f GPU, batch %d, %s", " + ".join(t.name for t in members),
+                 size, plan.num_cpus, plan.num_gpus, batch_size, ", ".join(teacher_precision(t) for t in members))
         ds = ds.map_batches(
-            TeacherPredictor,
-            fn_constructor_kwargs={"settings": settings},
-            batch_size=t.batch_size,
+            predictor,
+            fn_constructor_kwargs={"settings": stage_settings},
+            batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus or None,

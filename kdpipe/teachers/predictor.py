@@ -129,3 +129,18 @@ class TeacherPredictor:
         for column in self.drop:  # pixel columns no later teacher reads: not shipped on as output
             batch.pop(column, None)
         return batch
+
+
+class FusedTeacherPredictor:
+    """Ray Data actor for `ray.teacher_placement: fused`: every teacher in one actor, each batch
+    run through all of them in turn on the actor's device (the columns of a chain of
+    TeacherPredictor pools, from one stage). Images make no hop from pool to pool, and one
+    actor process starts per slot instead of one per teacher."""
+
+    def __init__(self, settings: tuple[PredictorSettings, ...]) -> None:
+        self.members = [TeacherPredictor(s) for s in settings]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for member in self.members:
+            batch = member(batch)
+        return batch

@@ -76,6 +76,27 @@ def test_rerun_reuses_everything(digits_cfg, generated):
     assert all(r.units_written == 0 for r in again.teachers.values())
 
 
+def test_fused_placement_labels_as_the_pools_do(digits_cfg, generated, tmp_path):
+    """The default placement here (auto, no GPU) is fused: one actor pool whose every actor runs
+    all three teachers on each batch. Its committed units hold the same keys and labels as the
+    chained pools' (ray.teacher_placement=pools)."""
+    assert config.teacher_placement(digits_cfg, digits_cfg.teachers) == "fused"
+    cfg = copy.deepcopy(digits_cfg)
+    cfg.cache.root = str(tmp_path / "cache")
+    cfg.ray.teacher_placement = "pools"
+    pooled = generate.generate(cfg, progress=False)
+    assert pooled.teacher_forward_passes == generated.teacher_forward_passes
+    for t in cfg.teachers:
+        fs, fused_dir, mine = _units(digits_cfg, generated, t.name)
+        _, pools_dir, pools = _units(cfg, pooled, t.name)
+        assert [u["shard_id"] for u in mine["units"]] == [u["shard_id"] for u in pools["units"]]
+        for a, b in zip(pools["units"], mine["units"], strict=True):
+            ta = pq.read_table(io.BytesIO(fs.cat_file(storage.join(pools_dir, a["part"]))))
+            tb = pq.read_table(io.BytesIO(fs.cat_file(storage.join(fused_dir, b["part"]))))
+            assert ta.column(softlabels.KEY).to_pylist() == tb.column(softlabels.KEY).to_pylist()
+            np.testing.assert_allclose(codec.table_logits(ta), codec.table_logits(tb), rtol=2e-3, atol=2e-3)
+
+
 def test_lost_unit_is_redone_alone(digits_cfg, generated):
     """A crash between part file and record leaves the unit uncommitted (and, as the manifest is
     written last, no manifest naming it); a rerun redoes just it."""
