@@ -102,7 +102,7 @@ def _labelled_dataset(cfg: Config, source: inputs.SourceSpec, shards: list[input
         bundles = len(shards) if rows is None else min(len(shards), max(1, math.ceil(rows / batch_size)))
         size = min(plan.pool_size, bundles)
         log.info("teacher %s: %d actor(s) x %.2f CPU, %.2f GPU, batch %d, %s", " + ".join(t.name for t in members),
-                 size, plan.num_cpus, plan.num_gpus, batch_size, ", ".join(teacher_precision(t) for t in members))
+                 size, plan.num_cpus, plan.num_gpus, batch_size, "/".join(dict.fromkeys(teacher_precision(t) for t in members)))
         ds = ds.map_batches(
             predictor,
             fn_constructor_kwargs={"settings": stage_settings},
