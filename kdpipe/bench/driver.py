@@ -17,13 +17,9 @@ import resource
 import time
 from typing import Any
 
-import torch
-
 from kdpipe import config, runtime, storage
-from kdpipe.bench.loading import RssSampler, write_inputs
+from kdpipe.bench.loading import RssSampler, synthetic_config, write_inputs
 from kdpipe.generation import generate
-from kdpipe.teachers import checkpoints
-from kdpipe.teachers.models import build_model
 from kdpipe.testing.counting import counting_requests
 
 MODES = ("full", "topk")
@@ -35,22 +31,11 @@ def _cpu_seconds() -> float:
 
 
 def _config(workdir: str, rows: int, shards: int, classes: int, teachers: int) -> config.Config:
-    """The inputs (written once per size) and the teachers (once per class count) of a run."""
+    """The inputs (written once per size) and the linear teachers (once per class count) of a run."""
     data_root = storage.join(workdir, f"inputs-{rows}-{shards}")
     if not os.path.exists(data_root):
         write_inputs(data_root, rows, -(-rows // shards))
-    cfg = config.resolve_paths(config.load_config(None, [
-        f"workdir={workdir}", "data.builtin=null", f"data.train={data_root}", f"data.holdout={data_root}",
-        f"data.num_classes={classes}", "data.class_names=[]", "teachers=[]"]))
-    cfg.teachers = []
-    for i in range(teachers):
-        checkpoint = storage.join(workdir, f"linear-{classes}-{i}.pt")
-        if not os.path.exists(checkpoint):
-            torch.manual_seed(i)
-            checkpoints.save_checkpoint(build_model("linear", classes, (1, 8, 8)), checkpoint, {}, "linear",
-                                        classes, {})
-        cfg.teachers.append(config.TeacherConfig(name=f"t{i}", arch="linear", checkpoint=checkpoint, batch_size=1024))
-    return cfg
+    return synthetic_config(workdir, data_root, {f"t{i}": ("linear", f"linear-{classes}-{i}.pt") for i in range(teachers)}, classes)
 
 
 def driver_run(workdir: str, rows: int, mode: str, shards: int = 100, classes: int = 1000, teachers: int = 3,

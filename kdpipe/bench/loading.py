@@ -77,17 +77,33 @@ class RssSampler:
         self._thread.join()
 
 
+def synthetic_config(workdir: str, data_root: str, teachers: dict[str, tuple[str, str]], classes: int = 10,
+                     overrides: list[str] = ()) -> config.Config:
+    """The demo config over the synthetic inputs at `data_root` (write_inputs), with `classes`
+    classes and the untrained 8x8 `teachers` ({name: (arch, checkpoint file name under
+    `workdir`)}, each saved once, seeded by its position) at batch 1024."""
+    cfg = config.resolve_paths(config.load_config(None, [
+        f"workdir={workdir}", "data.builtin=null", f"data.train={data_root}", f"data.holdout={data_root}",
+        f"data.num_classes={classes}", *(["data.class_names=[]"] if classes != 10 else []), "teachers=[]",
+        *overrides]))
+    cfg.teachers = []
+    for i, (name, (arch, file)) in enumerate(teachers.items()):
+        checkpoint = storage.join(workdir, file)
+        if not os.path.exists(checkpoint):
+            import torch
+
+            torch.manual_seed(i)
+            checkpoints.save_checkpoint(build_model(arch, classes, (1, 8, 8)), checkpoint, {}, arch, classes, {})
+        cfg.teachers.append(config.TeacherConfig(name=name, arch=arch, checkpoint=checkpoint, batch_size=1024))
+    return cfg
+
+
 def load_run(workdir: str, rows: int, shard_rows: int = 1000, arch: str = "tiny_cnn") -> dict[str, Any]:
     """Generate labels for `rows` synthetic images; report time and peak RSS (MiB)."""
     data_root = storage.join(workdir, f"inputs-{rows}")
     shards = write_inputs(data_root, rows, shard_rows)
-    cfg = config.resolve_paths(config.load_config(None, [
-        f"workdir={workdir}", "data.builtin=null", f"data.train={data_root}", f"data.holdout={data_root}",
-        f"cache.root={storage.join(workdir, f'cache-{rows}')}", "teachers=[]"]))
-    checkpoint = storage.join(workdir, f"{arch}.pt")
-    if not os.path.exists(checkpoint):
-        checkpoints.save_checkpoint(build_model(arch, 10, (1, 8, 8)), checkpoint, {}, arch, 10, {})
-    cfg.teachers = [config.TeacherConfig(name="t", arch=arch, checkpoint=checkpoint, batch_size=1024)]
+    cfg = synthetic_config(workdir, data_root, {"t": (arch, f"{arch}.pt")},
+                           overrides=[f"cache.root={storage.join(workdir, f'cache-{rows}')}"])
     started = time.perf_counter()
     with RssSampler() as rss:
         report = generate.generate(cfg, progress=False)

@@ -23,7 +23,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kdpipe import runtime, storage
-from kdpipe.config import Config, TeacherConfig, labels_for, preprocess_for, teacher_placement, teacher_precision
+from kdpipe.config import (
+    Config,
+    TeacherConfig,
+    labels_for,
+    preprocess_for,
+    teacher_placement,
+    teacher_precision,
+)
 from kdpipe.data import inputs, readers
 from kdpipe.errors import InputError, StorageUnreachable
 from kdpipe.labels import cache, codec, softlabels
